@@ -1,0 +1,133 @@
+"""EDM maths: preconditioning identities, loss weight, sigma distribution, the loss with an explicit noise."""
+
+import math
+
+import pytest
+import torch
+
+from aotdiff.diffusion import (
+    SIGMA_DATA,
+    Precond,
+    edm_coefficients,
+    edm_loss,
+    gaussian_denoiser,
+    loss_weight,
+    sample_sigma,
+)
+
+
+class ConstantNet(torch.nn.Module):
+    """Raw network F that returns a constant and records what it was called with."""
+
+    def __init__(self, value: float = 0.0):
+        super().__init__()
+        self.value = value
+        self.calls: list[tuple] = []
+
+    def forward(self, x, c_noise, class_labels=None, augment_labels=None):
+        self.calls.append((x.clone(), c_noise.clone(), class_labels, augment_labels))
+        return torch.full_like(x, self.value)
+
+
+def test_zero_network_gives_c_skip_times_x():
+    net = ConstantNet(0.0)
+    d = Precond(net)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
+    out = d(x, sigma)
+    c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+    torch.testing.assert_close(out, c_skip.view(-1, 1, 1, 1) * x)
+    # The raw network saw c_in * x and c_noise = ln(sigma) / 4.
+    x_in, c_noise, _, _ = net.calls[0]
+    c_in = 1 / torch.sqrt(sigma**2 + SIGMA_DATA**2)
+    torch.testing.assert_close(x_in, (c_in.view(-1, 1, 1, 1) * x).float())
+    torch.testing.assert_close(c_noise, (sigma.log() / 4).float())
+
+
+def test_unit_network_adds_c_out():
+    d = Precond(ConstantNet(1.0))
+    x = torch.zeros(3, 1, 2, 2)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    out = d(x, sigma)
+    c_out = sigma * SIGMA_DATA / torch.sqrt(sigma**2 + SIGMA_DATA**2)
+    torch.testing.assert_close(out, c_out.view(-1, 1, 1, 1).expand_as(out))
+
+
+def test_coefficients_make_unit_variance_input_and_target():
+    # For y ~ N(0, sd^2), x = y + sigma n has variance sd^2 + sigma^2; c_in^2 * Var(x) = 1.
+    sigma = torch.tensor([0.002, 0.3, 5.0, 80.0], dtype=torch.float64)
+    c = edm_coefficients(sigma)
+    torch.testing.assert_close(c.c_in**2 * (SIGMA_DATA**2 + sigma**2), torch.ones_like(sigma))
+    # The effective target (y - c_skip x) / c_out has unit variance (EDM eq. 8/B.6).
+    var_target = ((1 - c.c_skip) ** 2 * SIGMA_DATA**2 + c.c_skip**2 * sigma**2) / c.c_out**2
+    torch.testing.assert_close(var_target, torch.ones_like(sigma))
+
+
+def test_loss_weight_formula_and_identity_with_c_out():
+    sigma = torch.tensor([0.01, 0.5, 1.0, 3.0, 80.0], dtype=torch.float64)
+    expected = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(loss_weight(sigma), expected)
+    torch.testing.assert_close(loss_weight(sigma), 1 / edm_coefficients(sigma).c_out ** 2)
+
+
+def test_sigma_distribution_is_lognormal():
+    g = torch.Generator().manual_seed(0)
+    s = sample_sigma(200_000, generator=g)
+    log_s = s.log()
+    assert abs(float(log_s.mean()) - (-1.2)) < 0.01
+    assert abs(float(log_s.std()) - 1.2) < 0.01
+
+
+def test_loss_uses_the_given_noise():
+    """With D = zero raw net, loss = lambda * (c_skip (y + sigma n) - y)^2 for the *given* noise n."""
+    d = Precond(ConstantNet(0.0))
+    y = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    n = torch.randn_like(y)
+    sigma = torch.rand(5, dtype=torch.float64) + 0.1
+    loss = edm_loss(d, y, n, sigma)
+    s = sigma.view(-1, 1, 1, 1)
+    c_skip = 0.25 / (s**2 + 0.25)
+    expected = loss_weight(sigma).view(-1, 1, 1, 1) * (c_skip * (y + s * n) - y) ** 2
+    torch.testing.assert_close(loss, expected)
+    # Another noise gives another loss: the noise really is an input.
+    assert not torch.allclose(edm_loss(d, y, torch.randn_like(y), sigma), loss)
+
+
+def test_loss_is_minimised_by_the_exact_denoiser():
+    """For y ~ N(0, s^2) the posterior mean x s^2 / (s^2 + sigma^2) has lower expected loss than a perturbed one."""
+    torch.manual_seed(0)
+    std = 0.5
+    y = std * torch.randn(20000, 1, 1, 1, dtype=torch.float64)
+    n = torch.randn_like(y)
+    sigma = sample_sigma(20000).double()
+
+    def exact(x, s, labels=None, aug=None):
+        return gaussian_denoiser(x, s, std)
+
+    def perturbed(x, s, labels=None, aug=None):
+        return gaussian_denoiser(x, s, std) * 1.1
+
+    assert edm_loss(exact, y, n, sigma).mean() < edm_loss(perturbed, y, n, sigma).mean()
+
+
+def test_noise_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="noise shape"):
+        edm_loss(Precond(ConstantNet()), torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 3), torch.ones(2))
+
+
+def test_class_labels_become_one_hot_and_are_checked():
+    net = ConstantNet(0.0)
+    d = Precond(net, label_dim=4)
+    d(torch.zeros(2, 1, 2, 2), torch.ones(2), torch.tensor([1, 3]))
+    torch.testing.assert_close(net.calls[0][2], torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 1]]))
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\]"):
+        d(torch.zeros(1, 1, 2, 2), torch.ones(1), torch.tensor([4]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        d(torch.zeros(1, 1, 2, 2), torch.ones(1))
+
+
+def test_scalar_sigma_broadcasts():
+    d = Precond(ConstantNet(0.0))
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(d(x, 1.0), x * 0.25 / 1.25)
+    assert math.isclose(float(loss_weight(torch.tensor(0.5))), 8.0)
