@@ -1,0 +1,5 @@
+import sys
+
+from aotdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The ``aotdiff`` command line: a thin layer that parses flags, builds configs and calls the library.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``; the parser it adds carries a ``run``
+default that receives the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aotdiff import __version__
+
+# Sub-command modules, in the order `aotdiff --help` lists them.
+COMMANDS = ("train", "sample", "fid", "curvature", "sweep", "bench")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aotdiff",
+        description="Train and sample diffusion models with Approximated Optimal Transport (AOT) noise coupling.",
+        epilog="Run `aotdiff COMMAND --help` for the flags of each command. Quick start: `aotdiff train --out "
+        "runs/digits` then `aotdiff sample runs/digits --grid grid.png`.",
+    )
+    parser.add_argument("--version", action="version", version=f"aotdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"aotdiff.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"aotdiff.cli.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        # Bad input: the message names the input and the fix; a traceback would only hide it.
+        print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

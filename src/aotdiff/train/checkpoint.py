@@ -1,0 +1,253 @@
+"""Checkpoints that survive crashes, preemption and full disks, and never unpickle code.
+
+Layout: ``RUN/checkpoints/<nimg, 10 digits>/`` holding
+
+* ``model.safetensors`` and ``ema.safetensors`` — weights, with the run configuration and the network's constructor
+  arguments in the safetensors metadata, so one file is enough to rebuild and sample the model;
+* ``state.pt`` — optimizer, counters, RNG states, pool state: tensors and plain Python values only, loadable with
+  ``torch.load(weights_only=True)``;
+* ``manifest.json`` — size and SHA-256 of each file, written last.
+
+A checkpoint is first written to a hidden temporary folder, every file is fsync'ed, then the folder is renamed into
+place (an atomic operation on POSIX file systems). A checkpoint whose manifest is missing or does not match its files
+(truncated copy, bit rot, a crash on a non-POSIX file system) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or written; the message names the path and the fix."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    nimg: int,
+    *,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    metadata: dict[str, str],
+    keep: int = 3,
+) -> Path:
+    """Write one checkpoint atomically, then delete all but the newest ``keep``. Returns the checkpoint folder.
+
+    On any failure (e.g. disk full) the temporary folder is removed, earlier checkpoints are untouched, and a
+    :class:`CheckpointError` explains what happened.
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{nimg:010d}"
+    tmp = root / f".tmp-{nimg:010d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs = {
+            "model.safetensors": _weights_bytes(model, metadata),
+            "ema.safetensors": _weights_bytes(ema, metadata),
+            STATE_FILE: buf.getvalue(),
+        }
+        manifest = {"nimg": nimg, "files": {}}
+        for name, data in blobs.items():
+            _fsync_write(tmp / name, data)
+            manifest["files"][name] = {"bytes": len(data), "sha256": _sha256(data)}
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # same image count written twice (e.g. a preemption right after a snapshot)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {e.strerror or e}. Earlier checkpoints in {root} are intact; "
+            "free some disk space (or lower --keep-checkpoints) and training will save again at the next snapshot"
+        ) from e
+    prune(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in checkpoint_dir(run_dir).glob(".tmp-*"):  # leftovers of a crash mid-write
+        if tmp.name.endswith(f"-{os.getpid()}"):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file matches the manifest."""
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{ckpt} has no {MANIFEST} (incomplete write)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable: {e}") from e
+    for name, info in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        data = path.read_bytes()
+        if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
+            raise CheckpointError(f"{path} is truncated or corrupt (size/SHA-256 differ from {MANIFEST})")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def read_weights(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (never executes code)."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    return tensors, metadata
+
+
+def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    ckpt = Path(ckpt)
+    verify(ckpt)
+    model, metadata = read_weights(ckpt / "model.safetensors", device)
+    ema, _ = read_weights(ckpt / "ema.safetensors", device)
+    state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
+    return Checkpoint(ckpt, model, ema, state, metadata)
+
+
+def load_latest(run_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are skipped with a warning. None if there is none."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(ckpt, device)
+        except (CheckpointError, OSError, RuntimeError) as e:
+            warnings.warn(f"skipping checkpoint {ckpt}: {e}; trying the previous one", stacklevel=2)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ models for sampling
+@dataclass
+class LoadedModel:
+    """A trained denoiser ready to sample, with what is needed to interpret it."""
+
+    denoiser: torch.nn.Module  # aotdiff.diffusion.Precond in eval mode
+    shape: tuple[int, ...]  # one item: (C, H, W) or (D,)
+    num_classes: int  # 0 = unconditional
+    config: dict[str, Any]  # the training configuration
+    nimg: int  # images seen when saved
+    source: Path  # the weights file
+
+
+def resolve_weights(path: str | Path, ema: bool = True) -> Path:
+    """A run directory, a checkpoint folder or a .safetensors file -> the weights file to load."""
+    p = Path(path)
+    name = "ema.safetensors" if ema else "model.safetensors"
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise CheckpointError(f"{p} is not a .safetensors file; give a run directory, checkpoint or .safetensors")
+        return p
+    if (p / name).is_file():
+        return p / name
+    if p.is_dir():
+        for ckpt in reversed(list_checkpoints(p)):
+            try:
+                verify(ckpt)
+                return ckpt / name
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
+        raise CheckpointError(f"{p} holds no usable checkpoint; train first (aotdiff train --out {p})")
+    raise CheckpointError(f"{p} does not exist; give a run directory, a checkpoint folder or a .safetensors file")
+
+
+def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a trained denoiser from a run directory (latest checkpoint), a checkpoint folder or a weights file."""
+    from aotdiff.diffusion import Precond
+    from aotdiff.nets import build_network
+
+    weights = resolve_weights(path, ema)
+    tensors, meta = read_weights(weights, device)
+    if "network" not in meta or "shape" not in meta:
+        raise CheckpointError(f"{weights} was not written by aotdiff (no network description in its metadata)")
+    net_config = json.loads(meta["network"])
+    raw = build_network(**net_config)
+    label_dim = int(meta.get("label_dim", "0"))
+    model = Precond(raw, label_dim=label_dim)
+    model.load_state_dict(tensors)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(
+        denoiser=model,
+        shape=tuple(json.loads(meta["shape"])),
+        num_classes=label_dim,
+        config=json.loads(meta.get("config", "{}")),
+        nimg=int(meta.get("nimg", "0")),
+        source=weights,
+    )

@@ -1,0 +1,223 @@
+"""Training configuration: one typed dataclass, named presets, and command-line overrides.
+
+Presets are plain data (a dict of field values applied over the defaults), not code paths. Every field of
+:class:`TrainConfig` is also a command-line flag of ``aotdiff train`` (``--field-name``), with the help text, unit and
+default taken from the field's metadata, so ``aotdiff train --help`` documents every knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its command-line help text."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on and with which network
+    preset: str = _f("digits", "named preset the other values start from (see --list-presets)")
+    data: str = _f(
+        "digits",
+        "dataset: 'digits' (built in, 8x8), 'digits16' (padded to 16x16), 'toy:8gaussians' | 'toy:moons' | "
+        "'toy:checkerboard', or a path to an image folder / .zip (EDM format), cifar-10-python.tar.gz, or .npz",
+    )
+    arch: str = _f("small", "network: 'small' (SongUNet sized to the data), 'ddpmpp', 'ncsnpp', or 'mlp' (2-D data)")
+    model_channels: int = _f(32, "base channel count of the U-Net (or hidden width of the MLP)")
+    channel_mult: list[int] = _f(
+        [], "channel multiplier per U-Net level, e.g. 2,2,2 (empty = adapt to the data, 'small')"
+    )
+    num_blocks: int = _f(2, "residual blocks per U-Net resolution level (or hidden layers of the MLP)")
+    attn_resolutions: list[int] = _f([], "resolutions (pixels) with self-attention, e.g. 16 (used with --channel-mult)")
+    dropout: float = _f(0.0, "dropout probability in the residual blocks")
+    cond: bool = _f(False, "class-conditional training (needs a labelled dataset)")
+    augment: float = _f(0.0, "probability p of EDM's non-leaking geometric augmentation (0 = off; AOT uses 0.12)")
+    # --- how long and how fast
+    duration_kimg: float = _f(100.0, "training length in thousands of images (kimg)", unit="kimg")
+    batch: int = _f(128, "total batch size per optimizer step, over all devices", unit="images")
+    batch_gpu: int = _f(0, "images per device per forward pass (0 = batch / devices; smaller means accumulation)")
+    lr: float = _f(1e-3, "Adam learning rate (betas 0.9/0.999, eps 1e-8)")
+    lr_rampup_kimg: float = _f(10.0, "linear learning-rate warm-up length", unit="kimg")
+    ema_halflife_kimg: float = _f(10.0, "EMA half-life", unit="kimg")
+    ema_rampup_ratio: float = _f(0.05, "EMA ramp-up: half-life <= ratio x images seen (0 = none, EDM uses 0.05)")
+    seed: int = _f(0, "random seed; every random draw of the run derives from it")
+    # --- noise coupling (AOT)
+    coupling: str = _f("independent", "noise coupling: 'independent' (standard diffusion) or 'aot' (exact OT pairing)")
+    aot_pool: int = _f(512, "AOT pool size P per device: images paired with noise in one assignment", unit="images")
+    aot_cost: str = _f("l2", "AOT cost: 'l2' (Euclidean, as the authors' code) or 'sqeuclidean' (the W2 cost)")
+    aot_scope: str = _f("rank", "AOT under DDP: 'rank' (each device its own pool, as the paper) or 'global'")
+    aot_pools: int = _f(1, "emulate K devices' pools on each device (paper: 4 pools of P on 4 GPUs)")
+    aot_classwise: str = _f("auto", "pair only within a class: 'auto' (= when --cond), 'yes' or 'no'")
+    aot_backend: str = _f("auto", "assignment solver: 'auto', 'scipy', 'lapjv' or 'pot'")
+    aot_prefetch: bool = _f(True, "solve the next pool in a background thread while training on the current one")
+    # --- numerics
+    precision: str = _f("fp32", "'fp32' (TF32 off, as EDM), 'tf32' (TF32 matmuls on CUDA) or 'bf16' (autocast)")
+    compile: bool = _f(False, "wrap the network in torch.compile")
+    device: str = _f("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    # --- observability and checkpoints
+    tick_kimg: float = _f(2.0, "log one line to log.jsonl every this many kimg", unit="kimg")
+    snapshot_kimg: float = _f(20.0, "write a checkpoint and a sample grid every this many kimg", unit="kimg")
+    keep_checkpoints: int = _f(3, "how many of the newest checkpoints to keep")
+    grid_seeds: int = _f(64, "number of fixed seeds for the snapshot sample grid")
+    grid_steps: int = _f(18, "Heun steps for the snapshot sample grid")
+    data_size: int = _f(20000, "number of points for 2-D toy datasets")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Fields that may change between a run and its resumption without changing what is being trained.
+RESUMABLE_CHANGES = frozenset(
+    {"duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "grid_seeds", "grid_steps", "device",
+     "aot_prefetch", "aot_backend", "compile"}
+)  # fmt: skip
+
+_CIFAR_AOT = dict(
+    data="",  # must be given: --data path/to/cifar10-32x32.zip or cifar-10-python.tar.gz
+    arch="ncsnpp",
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.13,
+    augment=0.12,
+    duration_kimg=200_000.0,  # EDM's default 200 Mimg, not overridden by the AOT code
+    batch=256,  # AOT: 4 GPUs x 64
+    lr=1e-3,
+    lr_rampup_kimg=10_000.0,
+    ema_halflife_kimg=500.0,
+    ema_rampup_ratio=0.05,
+    coupling="aot",
+    aot_cost="l2",
+    tick_kimg=50.0,
+    snapshot_kimg=2500.0,
+    keep_checkpoints=5,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": dict(
+        data="digits",
+        arch="small",
+        model_channels=64,
+        num_blocks=2,
+        duration_kimg=150.0,
+        batch=128,
+        lr=2e-3,
+        lr_rampup_kimg=5.0,
+        ema_halflife_kimg=5.0,
+        tick_kimg=5.0,
+        snapshot_kimg=50.0,
+    ),
+    "toy2d": dict(
+        data="toy:8gaussians",
+        arch="mlp",
+        model_channels=256,
+        num_blocks=4,
+        channel_mult=[],
+        attn_resolutions=[],
+        duration_kimg=1000.0,
+        batch=256,
+        lr=1e-3,
+        lr_rampup_kimg=20.0,
+        ema_halflife_kimg=20.0,
+        tick_kimg=25.0,
+        snapshot_kimg=250.0,
+        grid_seeds=2000,
+        aot_pool=256,
+    ),
+    "small": dict(
+        data="",  # must be given with --data; resolution (8-64 px) and channels are read from the data
+        arch="small",
+        model_channels=64,
+        duration_kimg=2000.0,
+        batch=128,
+        lr=1e-3,
+        lr_rampup_kimg=100.0,
+        ema_halflife_kimg=50.0,
+        dropout=0.1,
+        augment=0.12,
+        tick_kimg=10.0,
+        snapshot_kimg=200.0,
+    ),
+    "cifar10-uncond": dict(_CIFAR_AOT, aot_pool=512),
+    "cifar10-cond": dict(_CIFAR_AOT, cond=True, aot_pool=2048),
+    # EDM's own CIFAR-10 DDPM++ recipe (independent noise, batch 512): the baseline and the speed reference.
+    "edm-cifar10-uncond": dict(_CIFAR_AOT, arch="ddpmpp", batch=512, coupling="independent"),
+}
+
+# Item shape (C, H, W) a preset's network was designed for; None = adapts to the data.
+PRESET_SHAPES: dict[str, tuple[int, ...] | None] = {
+    "cifar10-uncond": (3, 32, 32),
+    "cifar10-cond": (3, 32, 32),
+    "edm-cifar10-uncond": (3, 32, 32),
+}
+
+PRESET_HELP = {
+    "digits": "built-in default: small SongUNet on scikit-learn digits (8x8); a few minutes on 2 CPU cores",
+    "toy2d": "MLP on a 2-D distribution (8 Gaussians by default; --data toy:moons / toy:checkerboard)",
+    "small": "SongUNet sized for your own small dataset (--data PATH; 8 to 64 px, any channel count)",
+    "cifar10-uncond": "AOT paper, unconditional CIFAR-10: NCSN++, batch 256, P=512, 200 Mimg (needs --data)",
+    "cifar10-cond": "AOT paper, class-conditional CIFAR-10: NCSN++, batch 256, class-wise P=2048 (needs --data)",
+    "edm-cifar10-uncond": "EDM baseline: DDPM++, batch 512, independent noise, 200 Mimg (needs --data)",
+}
+
+
+def preset_config(name: str, **overrides: Any) -> TrainConfig:
+    """The named preset with ``overrides`` applied (unknown names and fields are refused with the valid choices)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}, "preset": name}
+    return TrainConfig.from_dict(values)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, naming the flag and the fix."""
+    choices = {
+        "arch": ("small", "ddpmpp", "ncsnpp", "mlp"),
+        "coupling": ("independent", "aot"),
+        "aot_cost": ("l2", "sqeuclidean"),
+        "aot_scope": ("rank", "global"),
+        "aot_classwise": ("auto", "yes", "no"),
+        "aot_backend": ("auto", "scipy", "lapjv", "pot"),
+        "precision": ("fp32", "tf32", "bf16"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got '{getattr(cfg, name)}'")
+    if not cfg.data:
+        raise ValueError(f"preset '{cfg.preset}' needs a dataset: pass --data PATH")
+    positive = ("batch", "duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "model_channels")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_gpu < 0:
+        raise ValueError(f"--batch-gpu must be >= 0 (0 = batch / devices), got {cfg.batch_gpu}")
+    if not 0 <= cfg.augment <= 1 or not 0 <= cfg.dropout < 1:
+        raise ValueError("--augment must lie in [0, 1] and --dropout in [0, 1)")
+    if cfg.aot_pools < 1:
+        raise ValueError(f"--aot-pools must be >= 1, got {cfg.aot_pools}")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ between two resolved configurations, ignoring those that may change on resume."""
+    keys = sorted((set(old) | set(new)) - RESUMABLE_CHANGES)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
