@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 1
+    from aotdiff.train.checkpoint import CheckpointError
+
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError, CheckpointError) as e:
         # Bad input: the message names the input and the fix; a traceback would only hide it.
         print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -326,10 +326,16 @@ def _train(
         optimizer.load_state_dict(st["optimizer"])
         nimg, step = int(st["nimg"]), int(st["step"])
         nonfinite_steps, elapsed = int(st["nonfinite_steps"]), float(st["elapsed_s"])
-        stream.load_state_dict(st["stream"])
-        torch.set_rng_state(st["rng_cpu"][info.rank] if info.rank < len(st["rng_cpu"]) else st["rng_cpu"][0])
+        streams = st["stream"]  # one state per rank (each rank consumes its own pools)
+        if len(streams) != info.world_size:
+            raise ValueError(
+                f"{latest.path} was written by {len(streams)} process(es) but this run has {info.world_size}; "
+                "resume with the same number of processes"
+            )
+        stream.load_state_dict(streams[info.rank])
+        torch.set_rng_state(st["rng_cpu"][info.rank])
         if device.type == "cuda" and st.get("rng_cuda"):
-            torch.cuda.set_rng_state(st["rng_cuda"][min(info.rank, len(st["rng_cuda"]) - 1)], device)
+            torch.cuda.set_rng_state(st["rng_cuda"][info.rank], device)
         say(f"resuming {run_dir} from {latest.path.name} ({nimg / 1000:.1f} kimg)")
     ddp_net: nn.Module = net
     if info.enabled:
@@ -350,9 +356,9 @@ def _train(
     def save(reason: str) -> None:
         state = {
             "nimg": nimg, "step": step, "nonfinite_steps": nonfinite_steps, "elapsed_s": elapsed,
-            "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-            "rng_cpu": _gather_rng(torch.get_rng_state(), info),
-            "rng_cuda": _gather_rng(torch.cuda.get_rng_state(device), info) if device.type == "cuda" else [],
+            "optimizer": optimizer.state_dict(), "stream": _gather_object(stream.state_dict(), info),
+            "rng_cpu": _gather_object(torch.get_rng_state(), info),
+            "rng_cuda": _gather_object(torch.cuda.get_rng_state(device), info) if device.type == "cuda" else [],
         }  # fmt: skip
         if info.is_main:
             try:
@@ -452,14 +458,15 @@ def _train(
                 result.interrupted = not done
                 break
     bar.close()
+    stream.close()
     if writer is not None:
         writer.close()
     result.nimg, result.steps = nimg, step
     return result
 
 
-def _gather_rng(state: torch.Tensor, info: dist_util.DistInfo) -> list[torch.Tensor]:
-    """Every rank's generator state (each rank's dropout differs), gathered for the checkpoint."""
+def _gather_object(state: Any, info: dist_util.DistInfo) -> list[Any]:
+    """Every rank's copy of a per-rank state (dropout generators, pool streams), gathered for the checkpoint."""
     if not info.enabled:
         return [state]
     import torch.distributed as dist

@@ -1,0 +1,112 @@
+"""The command line as a user meets it: train, resume, dry run, sample, bad input, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from aotdiff.cli import main
+from aotdiff.train import checkpoint as ckpt_io
+
+TINY = ["--preset", "toy2d", "--model-channels", "32", "--num-blocks", "1", "--batch", "64", "--data-size", "512",
+        "--tick-kimg", "0.128", "--snapshot-kimg", "0.256", "--grid-seeds", "16", "--grid-steps", "4",
+        "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def test_train_then_resume_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--duration-kimg", "0.256", "--out", str(run)]) == 0
+    assert len(ckpt_io.list_checkpoints(run)) == 1
+    # Rerunning with a longer duration resumes instead of starting over.
+    assert main(["train", *TINY, "--duration-kimg", "0.512", "--out", str(run)]) == 0
+    kimgs = [json.loads(x)["kimg"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert kimgs == pytest.approx([0.128, 0.256, 0.384, 0.512])
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--steps", "5", "--seeds", "0-9", "--out", str(out), "--grid",
+                 str(tmp_path / "g.png")]) == 0  # fmt: skip
+    with np.load(out) as f:
+        assert f["points"].shape == (10, 2) and f["seeds"].tolist() == list(range(10))
+        meta = json.loads(str(f["meta"]))
+    assert meta["nfe"] == 9 and meta["sampler"]["steps"] == 5
+    assert (tmp_path / "g.png").stat().st_size > 0
+    # Same seeds, any batch size: identical samples.
+    out2 = tmp_path / "s2.npz"
+    assert main(["sample", str(run), "--steps", "5", "--seeds", "3-5", "--batch", "2", "--out", str(out2)]) == 0
+    with np.load(out) as a, np.load(out2) as b:
+        np.testing.assert_allclose(a["points"][3:6], b["points"], atol=1e-6)  # BLAS blocking varies with batch
+
+
+def test_image_samples_npz_layout(tmp_path):
+    run = tmp_path / "digits"
+    args = ["train", "--preset", "digits", "--duration-kimg", "0.128", "--batch", "64", "--model-channels", "16",
+            "--grid-seeds", "4", "--grid-steps", "2", "--device", "cpu", "--no-progress", "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    assert main(["sample", str(run), "--steps", "3", "--seeds", "0-3", "--out", str(tmp_path / "d.npz")]) == 0
+    with np.load(tmp_path / "d.npz") as f:
+        assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
+        assert f["labels"].shape == (0,)
+
+
+def test_dry_run_prints_config_and_parameter_count(capsys, tmp_path):
+    assert main(["train", "--preset", "cifar10-uncond", "--data", "x", "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--dry-run", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert '"preset": "digits"' in out and "parameters:" in out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_bad_input_exits_with_a_message(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["train", *TINY, "--coupling", "ot", "--out", str(tmp_path)]) == 2
+    assert "--coupling must be one of independent, aot" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", *TINY, "--batch", "64", "--batch-gpu", "48", "--out", str(tmp_path / "b")]) == 2
+    assert "--batch-gpu 48 must divide" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aotdiff", "train", *TINY, "--duration-kimg", "1000", "--snapshot-kimg", "1000",
+           "--out", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:  # wait until training is under way
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert "SIGTERM received" in err.decode()
+    latest = ckpt_io.load_latest(run)
+    assert latest is not None and latest.state["nimg"] > 0
+    assert "rerun the same command to resume" in err.decode()
+
+
+def test_help_documents_units_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--duration-kimg" in text and "[kimg]" in text and "(digits preset:" in text
+    assert "cifar10-cond" in text
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "aotdiff", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("aotdiff ")
+
+
+def test_bench_train_prints_a_row(capsys):
+    assert main(["bench", "train", "--preset", "toy2d", "--steps", "2", "--device", "cpu"]) == 0
+    assert "| toy2d |" in capsys.readouterr().out
