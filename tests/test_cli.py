@@ -110,3 +110,38 @@ def test_module_entry_point_runs():
 def test_bench_train_prints_a_row(capsys):
     assert main(["bench", "train", "--preset", "toy2d", "--steps", "2", "--device", "cpu"]) == 0
     assert "| toy2d |" in capsys.readouterr().out
+
+
+def test_conditional_aot_digits_with_augmentation_and_class_sampling(tmp_path):
+    """Class-conditional training with class-wise AOT pools, augmentation labels, then sampling one class."""
+    run = tmp_path / "cond"
+    args = ["train", "--preset", "digits", "--cond", "--coupling", "aot", "--aot-pool", "128", "--augment", "0.5",
+            "--duration-kimg", "0.128", "--batch", "32", "--model-channels", "16", "--tick-kimg", "0.064",
+            "--grid-seeds", "4", "--grid-steps", "2", "--device", "cpu", "--no-progress", "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 < x["ot_cost_ratio"] < 1 for x in lines if "ot_cost_ratio" in x)
+    assert (
+        main(["sample", str(run), "--steps", "2", "--seeds", "0-3", "--class", "3", "--out", str(tmp_path / "c.npz")])
+        == 0
+    )
+    with np.load(tmp_path / "c.npz") as f:
+        assert f["labels"].tolist() == [3, 3, 3, 3]
+    assert (
+        main(["sample", str(run), "--steps", "2", "--seeds", "0-3", "--class", "10", "--out", str(tmp_path / "x.npz")])
+        == 2
+    )
+
+
+def test_small_preset_adapts_to_28px_grayscale(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mnistlike.npz", images=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    assert main(["train", "--preset", "small", "--data", str(tmp_path / "mnistlike.npz"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"img_resolution": 28' in out and '"in_channels": 1' in out
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    assert main(["train", *TINY, "--precision", "bf16", "--duration-kimg", "0.128", "--out", str(tmp_path / "r")]) == 0
+    line = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(line["loss"])

@@ -19,7 +19,7 @@ from aotdiff.nets import (
     ncsnpp,
     small_songunet,
 )
-from aotdiff.nets.layers import PositionalEmbedding, ResampleConv2d, fir_kernel_2d
+from aotdiff.nets.layers import PositionalEmbedding, ResampleConv2d, SelfAttention2d, fir_kernel_2d
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +141,21 @@ def test_fused_downsampling_conv_equals_conv_then_filter():
     expected = F.conv2d(full, f.expand(4, 1, 4, 4), stride=2, groups=4)
     torch.testing.assert_close(layer(x), expected)
     assert expected.shape[-1] == 4
+
+
+def test_attention_matches_brute_force_softmax_per_head():
+    """x + proj(V softmax(Q^T K / sqrt(d))^T) per head, d = C / heads; qkv channels ordered (head, channel, q|k|v)."""
+    torch.manual_seed(0)
+    init = dict(init_mode="xavier_uniform")
+    att = SelfAttention2d(8, num_heads=2, eps=1e-6, init_qkv=init, init_zero=init).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    qkv = att.qkv(att.norm(x)).reshape(2, 2, 4, 3, 9)
+    mixed = torch.zeros(2, 2, 4, 9, dtype=torch.float64)
+    for b, head in itertools.product(range(2), range(2)):
+        q, k, v = qkv[b, head, :, 0], qkv[b, head, :, 1], qkv[b, head, :, 2]  # [channel, position]
+        weights = torch.softmax(q.t() @ k / math.sqrt(4), dim=1)  # [query, key]
+        mixed[b, head] = v @ weights.t()
+    torch.testing.assert_close(att(x), x + att.proj(mixed.reshape(2, 8, 3, 3)))
 
 
 def test_positional_embedding_frequencies_span_one_to_inverse_max_positions():

@@ -11,6 +11,7 @@ is the data's standard deviation), noisy inputs are ``x = y + sigma * n`` with `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,7 @@ class Precond(nn.Module):
 
 
 def edm_loss(
-    denoiser: nn.Module,
+    denoiser: Callable[..., torch.Tensor],
     images: torch.Tensor,
     noise: torch.Tensor,
     sigma: torch.Tensor,

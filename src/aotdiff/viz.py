@@ -32,7 +32,7 @@ def image_grid(images: torch.Tensor | np.ndarray, ncols: int | None = None, min_
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode)
     scale = max(1, math.ceil(min_size / img.width))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     return img
 
 

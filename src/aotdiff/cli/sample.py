@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         arrays["points"] = torch.cat(raws).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
+    np.savez(out, **arrays)  # type: ignore[arg-type]
     print(f"wrote {len(seeds)} samples ({meta['nfe']} network evaluations each) to {out}")
     if args.grid is not None:
         if is_image:

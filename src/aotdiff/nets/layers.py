@@ -196,9 +196,11 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # [B, heads, HW, C/heads]
-        # softmax(q k^T / sqrt(d)) v; fused kernel (math path on CPU), accumulates in float32
+        # qkv channels are ordered (head, channel, q|k|v), the layout of EDM's checkpoints, so converted weights
+        # need no permutation
+        qkv = self.qkv(self.norm(x)).reshape(b, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))  # each [B, heads, HW, C/heads]
+        # softmax(q k^T / sqrt(C/heads)) v
         a = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
 

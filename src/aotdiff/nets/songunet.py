@@ -16,6 +16,7 @@ denoiser starts as D(x) ~ c_skip x.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -455,6 +456,7 @@ class SongUNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- factories
 def _named(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> SongUNet:
+    """Build a SongUNet from a preset's defaults and the caller's overrides; record the preset name in its config."""
     unknown = set(overrides) - set(SONGUNET_ARGS)
     if unknown:
         raise ValueError(f"{name}: unknown argument(s) {sorted(unknown)}; valid: {sorted(SONGUNET_ARGS)}")
@@ -463,25 +465,7 @@ def _named(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> So
     return net
 
 
-SONGUNET_ARGS = [
-    "img_resolution",
-    "in_channels",
-    "out_channels",
-    "label_dim",
-    "augment_dim",
-    "model_channels",
-    "channel_mult",
-    "channel_mult_emb",
-    "num_blocks",
-    "attn_resolutions",
-    "dropout",
-    "label_dropout",
-    "embedding_type",
-    "channel_mult_noise",
-    "encoder_type",
-    "decoder_type",
-    "resample_filter",
-]
+SONGUNET_ARGS: tuple[str, ...] = tuple(inspect.signature(SongUNet.__init__).parameters)[1:]  # minus self
 
 # Settings of EDM's `--arch=ddpmpp` / `--arch=ncsnpp` (CIFAR-10 32x32): cbase 128, cres [2,2,2], 4 blocks,
 # attention at 16x16. EDM's train.py passes dropout 0.13 at training time; 0.10 is the network's own default.

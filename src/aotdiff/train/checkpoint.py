@@ -100,10 +100,11 @@ def save_checkpoint(
             "ema.safetensors": _weights_bytes(ema, metadata),
             STATE_FILE: buf.getvalue(),
         }
-        manifest = {"nimg": nimg, "files": {}}
+        files: dict[str, dict[str, Any]] = {}
+        manifest = {"nimg": nimg, "files": files}
         for name, data in blobs.items():
             _fsync_write(tmp / name, data)
-            manifest["files"][name] = {"bytes": len(data), "sha256": _sha256(data)}
+            files[name] = {"bytes": len(data), "sha256": _sha256(data)}
         _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         if final.exists():  # same image count written twice (e.g. a preemption right after a snapshot)

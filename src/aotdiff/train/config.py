@@ -116,7 +116,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
         data="digits",
         arch="small",
-        model_channels=64,
+        model_channels=32,
         num_blocks=2,
         duration_kimg=150.0,
         batch=128,

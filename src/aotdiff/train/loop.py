@@ -59,7 +59,7 @@ def load_training_data(cfg: TrainConfig) -> ImageDataset | ToyDataset:
         raise ValueError(f"--data {cfg.data} is 2-D point data: use --preset toy2d (or --arch mlp)")
     expected = PRESET_SHAPES.get(cfg.preset)
     if expected is not None and tuple(data.shape) != expected:
-        c, h, w = data.shape
+        c, h, w = (*data.shape, 0, 0)[:3]
         raise ValueError(
             f"--data {cfg.data}: preset '{cfg.preset}' expects {expected[1]}x{expected[2]} images with "
             f"{expected[0]} channels, got {h}x{w} with {c}; convert the data or use --preset small"
