@@ -315,3 +315,42 @@ class FourierEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = torch.outer(t.to(self.freqs.dtype), 2 * math.pi * self.freqs)
         return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ConditioningMixin:
+    """The mapping network shared by SongUNet and the MLP: noise embedding (+ class, + augmentation labels) -> two
+    Dense+SiLU layers. The host module defines ``map_noise``, ``map_label`` (or None), ``map_augment`` (or None),
+    ``map_layer0``, ``map_layer1``, ``label_dim``, ``augment_dim``, ``label_dropout`` and ``training``."""
+
+    map_noise: nn.Module
+    map_label: nn.Module | None
+    map_augment: nn.Module | None
+    map_layer0: nn.Module
+    map_layer1: nn.Module
+    label_dim: int
+    augment_dim: int
+    label_dropout: float
+    training: bool
+
+    def embed(
+        self,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mapping network: [B] noise labels (+ labels) -> [B, emb_channels] conditioning vector."""
+        emb = self.map_noise(noise_labels)
+        if self.map_label is not None:
+            # None = no class: the all-zero one-hot, which still receives map_label's bias (as after label dropout)
+            labels = emb.new_zeros(emb.shape[0], self.label_dim) if class_labels is None else class_labels.to(emb.dtype)
+            if self.training and self.label_dropout:
+                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            # sqrt(label_dim) makes a one-hot vector unit-variance per entry on average
+            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
+        if self.map_augment is not None:
+            # None = not augmented = zeros; still applied, so every parameter takes part in the graph (DDP-safe)
+            aug = emb.new_zeros(emb.shape[0], self.augment_dim) if augment_labels is None else augment_labels
+            emb = emb + self.map_augment(aug.to(emb.dtype))
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Dense, PositionalEmbedding, check_labels
+from .layers import ConditioningMixin, Dense, PositionalEmbedding, check_labels
 
 
 def _check(condition: bool, message: str) -> None:
@@ -56,7 +56,7 @@ class _ResidualMLPBlock(nn.Module):
         return h + r
 
 
-class MLPDenoiser(nn.Module):
+class MLPDenoiser(ConditioningMixin, nn.Module):
     """Raw denoiser network F(x; c_noise, labels) for [B, in_dim] inputs (EDM preconditioning goes around it).
 
     forward(x [B, in_dim], noise_labels [B], class_labels [B, label_dim] | None, augment_labels [B, augment_dim]
@@ -140,25 +140,6 @@ class MLPDenoiser(nn.Module):
         """[x, sin(2 pi x B^T), cos(2 pi x B^T)]: [B, in_dim + 2 * fourier_features]."""
         angles = 2 * math.pi * x @ self.freqs.to(x.dtype).t()
         return torch.cat([x, angles.sin(), angles.cos()], dim=1)
-
-    def embed(
-        self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Mapping network, as in SongUNet: embedding of c_noise (+ labels) -> two Dense+SiLU layers."""
-        emb = self.map_noise(noise_labels)
-        if self.map_label is not None:
-            # None = no class: the all-zero one-hot, which still receives map_label's bias (as after label dropout)
-            labels = emb.new_zeros(emb.shape[0], self.label_dim) if class_labels is None else class_labels.to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
-        if self.map_augment is not None:
-            # None = not augmented = zeros; still applied, so every parameter takes part in the graph (DDP-safe)
-            aug = emb.new_zeros(emb.shape[0], self.augment_dim) if augment_labels is None else augment_labels
-            emb = emb + self.map_augment(aug.to(emb.dtype))
-        emb = F.silu(self.map_layer0(emb))
-        return F.silu(self.map_layer1(emb))
 
     def forward(
         self,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
+    ConditioningMixin,
     Dense,
     FourierEmbedding,
     PositionalEmbedding,
@@ -207,7 +208,7 @@ class _DecoderLevel(nn.Module):
         return x, out
 
 
-class SongUNet(nn.Module):
+class SongUNet(ConditioningMixin, nn.Module):
     """DDPM++ / NCSN++ U-Net. ``forward(x, noise_labels, class_labels=None, augment_labels=None) -> [B, out, H, W]``.
 
     ``config`` holds the constructor arguments (JSON-serialisable, plus ``name``) so that
@@ -395,29 +396,6 @@ class SongUNet(nn.Module):
             )
         check_labels("class_labels", class_labels, b, self.label_dim, "label_dim")
         check_labels("augment_labels", augment_labels, b, self.augment_dim, "augment_dim")
-
-    def embed(
-        self,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None,
-        augment_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Mapping network: [B] noise labels (+ labels) -> [B, emb_channels] conditioning vector."""
-        emb = self.map_noise(noise_labels)
-        if self.map_label is not None:
-            # None = no class: the all-zero one-hot, which still receives map_label's bias (as after label dropout)
-            labels = emb.new_zeros(emb.shape[0], self.label_dim) if class_labels is None else class_labels.to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            # sqrt(label_dim) makes a one-hot vector unit-variance per entry on average
-            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
-        if self.map_augment is not None:
-            # None = not augmented = zeros; still applied, so every parameter takes part in the graph (DDP-safe)
-            aug = emb.new_zeros(emb.shape[0], self.augment_dim) if augment_labels is None else augment_labels
-            emb = emb + self.map_augment(aug.to(emb.dtype))
-        emb = F.silu(self.map_layer0(emb))
-        return F.silu(self.map_layer1(emb))
 
     def forward(
         self,
