@@ -16,15 +16,6 @@ from aotdiff.sampling import SeedRNG, karras_sigmas, sample
 STD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: thread wake-ups would cost more than the arithmetic (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian(x, sigma, labels=None):
     return gaussian_denoiser(x, sigma, STD)
 

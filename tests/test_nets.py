@@ -21,17 +21,6 @@ from aotdiff.nets import (
 )
 from aotdiff.nets.layers import PositionalEmbedding, ResampleConv2d, SelfAttention2d, fir_kernel_2d
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and spin-waiting threads slow to a crawl when
-    the cores are shared (pytest-xdist, other jobs). Restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # Tiny U-Nets for behaviour tests: 8x8, two levels (8 and 4 px), one block per level, attention at 4 px.
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
