@@ -94,13 +94,14 @@ def test_fewer_than_50k_samples_are_refused_unless_num_is_given(digits_run, cach
     save_reference(ref, _stats(np.zeros(128), np.eye(128)))
     assert main(["fid", "calc", str(digits_run), "--ref", str(ref), "--seeds", "0-63", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        "aotdiff fid: error: --seeds 0-63 gives 64 samples, but FID needs 50,000 to be comparable with published "
-        "numbers (it is biased upwards at smaller N). Pass --num 64 explicitly to compute it on fewer anyway.\n"
+        "aotdiff fid: error: --seeds 0-63 gives 64 samples, but the FID protocol uses 50,000: with fewer the "
+        "distance is biased upwards and not comparable with published numbers. Pass --num 64 explicitly to compute "
+        "it on fewer anyway.\n"
     )
     samples = tmp_path / "few.npz"
     np.savez(samples, images=np.zeros((5, 8, 8, 1), np.uint8))
     assert main(["fid", "calc", str(samples), "--ref", str(ref)]) == 2
-    assert f"'{samples}' holds 5 samples, but FID needs 50,000" in capsys.readouterr().err
+    assert f"'{samples}' holds 5 samples, but the FID protocol uses 50,000" in capsys.readouterr().err
     assert main(["fid", "calc", str(samples), "--ref", str(ref), "--num", "6"]) == 2
     assert f"--num 6 asks for more samples than '{samples}' holds (5); lower --num" in capsys.readouterr().err
 
@@ -186,8 +187,9 @@ def test_curvature_command_writes_the_report_and_its_plot(toy_run, tmp_path, cap
     report = json.loads(out.read_text())
     model = load_model(toy_run)
     direct = curvature_report(model.denoiser, model.shape, range(12), fine_steps=12, truncation_steps=(2, 4))
-    for key in ("curvature", "curvature_median", "one_minus_cos", "curvature_per_sigma", "truncation_error"):
-        assert report[key] == pytest.approx(direct[key], rel=1e-9), key
+    for key in ("curvature", "curvature_median", "one_minus_cos", "truncation_error"):
+        assert report[key] == pytest.approx(direct[key], rel=1e-6), key  # float32 network, other batch size
+    np.testing.assert_allclose(report["curvature_per_sigma"], direct["curvature_per_sigma"], rtol=1e-6)
     assert list(report["truncation_error"]) == ["2", "4"]
     sigmas = [s for s, _ in report["curvature_per_sigma"]]
     assert sigmas == sorted(sigmas) and sigmas[0] > 0.002 and sigmas[-1] < 80

@@ -1,0 +1,312 @@
+"""`aotdiff fid ref | calc`: reference statistics of a dataset, and FID (or FD-digits) of a run or a set of samples.
+
+Protocol (docs/metrics.md): 50,000 samples, seeds 0-49999, statistics streamed batch by batch (nothing is written
+to disk per image), Fréchet distance against EDM-format reference statistics. The detector is named with its SHA-256
+next to every number, because two Inception files give different FIDs. For the built-in digits, where Inception
+features are meaningless, the proxy CNN is used and the number is called FD-digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aotdiff import __version__
+from aotdiff.cli.sample import add_sampler_flags, settings_from_args
+from aotdiff.generate import SamplerSettings, parse_seeds
+from aotdiff.metrics import Detector, ReferenceStats, compute_stats, fid_from_stats, format_seeds, save_reference
+from aotdiff.sampling import expected_nfe
+from aotdiff.sweep import DIGITS_SPECS, digits_input_size
+
+FULL_PROTOCOL = 50_000  # samples in the published FID protocol (EDM, AOT)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "fid",
+        help="FID (or FD-digits): reference statistics and evaluation",
+        description="Fréchet distances on detector features. `fid ref` computes a dataset's reference statistics "
+        "(EDM's .npz layout); `fid calc` generates samples from a run (or reads a samples .npz / image folder), "
+        "streams them through the detector and compares with the reference.",
+        epilog="Examples:\n  aotdiff fid ref --data cifar-10-python.tar.gz --out cifar10-ref.npz\n"
+        "  aotdiff fid calc runs/cifar --ref cifar10-ref.npz --steps 14 --rho 90\n"
+        "  aotdiff fid ref --data digits --out digits-ref.npz && aotdiff fid calc runs/digits --ref digits-ref.npz "
+        "--num 2000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fsub = p.add_subparsers(dest="fid_command", metavar="{ref,calc}", required=True)
+
+    r = fsub.add_parser("ref", help="reference statistics of a dataset", description="Detector statistics (mean, "
+                        "covariance) of every image of a dataset, written in EDM's .npz layout with a 'meta' record "
+                        "of the detector (name, SHA-256) and image count.")  # fmt: skip
+    r.add_argument("--data", required=True, help="dataset: 'digits', 'digits16', an image folder / .zip, "
+                   "cifar-10-python.tar.gz or a .npz (images N x H x W x C uint8)")  # fmt: skip
+    r.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, meta)")
+    _add_detector_flags(r)
+    r.add_argument("--batch", type=int, default=250, help="images per detector batch (default: 250)")
+    r.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
+    r.set_defaults(run=run_ref)
+
+    c = fsub.add_parser(
+        "calc",
+        help="FID of a run or of saved samples",
+        description="Fréchet distance between the detector statistics of samples and reference statistics. A run "
+        "is sampled on the fly (one generator per seed, as `aotdiff sample`); samples are never written to disk. "
+        f"Without --num, fewer than {FULL_PROTOCOL:,} samples are refused: the published protocol uses "
+        f"{FULL_PROTOCOL:,} and FID is biased upwards at smaller N.",
+    )
+    c.add_argument("source", type=Path, help="run directory, checkpoint folder, .safetensors, samples .npz "
+                   "(images N x H x W x C uint8) or an image folder / .zip")  # fmt: skip
+    c.add_argument("--ref", type=Path, required=True, help="reference statistics .npz (from `aotdiff fid ref`, or "
+                   "EDM's cifar10-32x32.npz)")  # fmt: skip
+    c.add_argument("--num", type=int, default=None, help=f"number of samples (default: {FULL_PROTOCOL:,}; giving "
+                   "--num explicitly allows fewer)")  # fmt: skip
+    add_sampler_flags(c)
+    c.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 (default: 0 .. num-1)")
+    c.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: random/seed)")
+    c.add_argument("--batch", type=int, default=250, help="images per sampler / detector batch (default: 250)")
+    _add_detector_flags(c)
+    c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source)")
+    c.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
+    c.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    c.set_defaults(run=run_calc)
+
+
+def _add_detector_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--detector", type=Path, default=None, help="Inception-v3 file (pytorch-fid .pth or EDM's .pkl); "
+                   "default: $AOTDIFF_DETECTOR or the cache folder (see docs/metrics.md)")  # fmt: skip
+    g.add_argument("--proxy", action="store_true", help="use the digits proxy CNN (FD-digits); the default for the "
+                   "built-in digits")  # fmt: skip
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ detectors
+def choose_detector(
+    args: argparse.Namespace, shape: tuple[int, ...], data: str, ref_meta: dict[str, Any], device: torch.device
+) -> Detector:
+    """--proxy / --detector if given; else the proxy for the built-in digits (or a proxy-made reference); else
+    Inception from $AOTDIFF_DETECTOR or the cache folder."""
+    from aotdiff.metrics import load_inception_detector, load_proxy_detector
+
+    ref_detector = str(ref_meta.get("detector", {}).get("name", ""))
+    if args.proxy or (args.detector is None and (data in DIGITS_SPECS or ref_detector.startswith("proxy-cnn-digits"))):
+        return load_proxy_detector("digits", digits_input_size(shape, "--proxy"))
+    return load_inception_detector(args.detector, device=device)
+
+
+def check_reference(reference: ReferenceStats, detector: Detector, ref_path: Path) -> None:
+    """Refuse a feature-length mismatch; warn when the reference was made by a different detector file."""
+    if reference.mu.shape[0] != detector.dim:
+        raise ValueError(
+            f"reference statistics '{ref_path}' hold {reference.mu.shape[0]}-d features but {detector.name} gives "
+            f"{detector.dim}-d ones; make the reference with the same detector (aotdiff fid ref --data DATA "
+            f"{'--proxy' if detector.metric != 'FID' else '--detector FILE'} --out REF.npz)"
+        )
+    recorded = reference.meta.get("detector") or {}
+    if not recorded:
+        _warn(f"'{ref_path}' does not record its detector (e.g. EDM's published files); make sure it was computed "
+              f"with the same network ({detector.name})")  # fmt: skip
+    elif recorded.get("sha256") != detector.sha256:
+        _warn(
+            f"'{ref_path}' was computed with detector {recorded.get('name')} (SHA-256 {recorded.get('sha256')}), "
+            f"but this evaluation uses {detector.name} (SHA-256 {detector.sha256}): the distance is not meaningful "
+            "unless both are the same network"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ fid ref
+def run_ref(args: argparse.Namespace) -> int:
+    from aotdiff.data import ImageDataset, load_dataset
+    from aotdiff.train.distributed import pick_device
+
+    data = load_dataset(args.data)
+    if not isinstance(data, ImageDataset):
+        raise ValueError(f"--data {args.data} holds 2-D points, not images; toy runs are scored with W2 "
+                         "(aotdiff sweep RUN --metric w2)")  # fmt: skip
+    _check_batch(args.batch)
+    device = pick_device(args.device)
+    namespace = argparse.Namespace(proxy=args.proxy, detector=args.detector)
+    detector = choose_detector(namespace, data.shape, args.data, {}, device)
+    bar = tqdm(total=len(data), unit="img", desc=f"{detector.metric} reference", dynamic_ncols=True)
+    batches = (torch.from_numpy(data.images[i : i + args.batch]) for i in range(0, len(data), args.batch))
+    stats = compute_stats(batches, detector, progress=bar.update)
+    bar.close()
+    meta = {"data": str(args.data), "detector": detector.describe(), "aotdiff": __version__}
+    save_reference(args.out, stats, meta)
+    print(f"wrote {args.out}: {detector.metric} reference statistics of {stats.count} images "
+          f"(detector {detector.name}, SHA-256 {detector.sha256})")  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ fid calc
+@dataclass
+class SampleSource:
+    """Where the images come from: a model to sample, or stored images (uint8 NCHW)."""
+
+    kind: str  # 'model' | 'npz' | 'folder'
+    path: Path
+    shape: tuple[int, ...]
+    data: str = ""  # training data of a model ('' for stored images)
+    model: Any = None  # aotdiff.train.checkpoint.LoadedModel
+    images: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_model_path(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "ema.safetensors").is_file())
+
+
+def open_source(path: Path, *, ema: bool, device: torch.device) -> SampleSource:
+    """A run / checkpoint / weights file, a samples .npz or an image folder / .zip."""
+    from aotdiff.data import load_image_folder, load_npz
+    from aotdiff.train.checkpoint import load_model
+
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a samples .npz or an image folder")
+    if _is_model_path(path):
+        model = load_model(path, ema=ema, device=device)
+        if len(model.shape) != 3:
+            raise ValueError(f"'{path}' is a 2-D point model: score it with W2 (aotdiff sweep {path} --metric w2)")
+        info = {"nimg": model.nimg, "weights": str(model.source), "data": model.config.get("data"),
+                "coupling": model.config.get("coupling")}  # fmt: skip
+        return SampleSource("model", path, tuple(model.shape), str(model.config.get("data", "")), model, info=info)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "points" in archive.files and "images" not in archive.files:
+                raise ValueError(f"'{path}' holds 2-D points, not images; toy samples are scored with W2")
+        data = load_npz(path)
+        return SampleSource("npz", path, data.shape, images=data.images)
+    if path.is_dir() or path.suffix == ".zip":
+        data = load_image_folder(path)
+        return SampleSource("folder", path, data.shape, images=data.images)
+    raise ValueError(f"'{path}' is neither a run, a .npz of samples nor an image folder / .zip")
+
+
+def _check_batch(batch: int) -> None:
+    if batch < 1:
+        raise ValueError(f"--batch must be positive, got {batch}")
+
+
+def resolve_count(args: argparse.Namespace, source: SampleSource) -> tuple[int, list[int] | None]:
+    """(number of samples, seeds for a model); refuses fewer than 50,000 unless --num was given explicitly."""
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if source.kind == "model":
+        available = len(seeds) if seeds is not None else None
+    else:
+        if seeds is not None:
+            raise ValueError(f"--seeds applies to sampling a run; '{source.path}' holds stored images (use --num)")
+        available = len(source.images) if source.images is not None else 0
+    if args.num is None:
+        count = available if available is not None else FULL_PROTOCOL
+        if count < FULL_PROTOCOL:
+            what = f"--seeds {args.seeds} gives" if source.kind == "model" else f"'{source.path}' holds"
+            raise ValueError(
+                f"{what} {count:,} samples, but the FID protocol uses {FULL_PROTOCOL:,}: with fewer the distance is "
+                f"biased upwards and not comparable with published numbers. Pass --num {count} explicitly to compute "
+                "it on fewer anyway."
+            )
+    else:
+        count = args.num
+        if count < 2:
+            raise ValueError(f"--num must be at least 2 (a covariance needs two samples), got {count}")
+        if available is not None and count > available:
+            what = f"--seeds {args.seeds} gives" if source.kind == "model" else f"'{source.path}' holds"
+            raise ValueError(f"--num {count} asks for more samples than {what} ({available}); lower --num")
+    if source.kind == "model":
+        seeds = seeds[:count] if seeds is not None else list(range(count))
+    return count, seeds
+
+
+def _stored_batches(images: np.ndarray, count: int, batch: int) -> Iterator[torch.Tensor]:
+    for i in range(0, count, batch):
+        yield torch.from_numpy(images[i : min(i + batch, count)])
+
+
+def default_out(source: SampleSource, metric: str, settings: SamplerSettings | None, count: int) -> Path:
+    tag = metric.lower()
+    if source.kind == "model":
+        base = source.path if source.path.is_dir() else source.path.parent
+        assert settings is not None
+        return base / f"{tag}-{settings.solver}{settings.steps}-rho{settings.rho:g}-n{count}.json"
+    if source.kind == "npz" or source.path.suffix == ".zip":
+        return source.path.with_name(f"{source.path.stem}-{tag}.json")
+    return source.path.parent / f"{source.path.name}-{tag}.json"
+
+
+def run_calc(args: argparse.Namespace) -> int:
+    from aotdiff.generate import generate
+    from aotdiff.metrics import load_reference
+    from aotdiff.train.distributed import pick_device
+
+    _check_batch(args.batch)
+    reference = load_reference(args.ref)  # first: a wrong path should not cost a model load
+    device = pick_device(args.device)
+    source = open_source(args.source, ema=not args.raw, device=device)
+    count, seeds = resolve_count(args, source)
+    detector = choose_detector(args, source.shape, source.data, reference.meta, device)
+    check_reference(reference, detector, args.ref)
+
+    settings = settings_from_args(args) if source.kind == "model" else None
+    bar = tqdm(total=count, unit="img", desc=detector.metric, dynamic_ncols=True)
+    start = time.perf_counter()
+    if source.kind == "model":
+        assert seeds is not None and settings is not None
+        model = source.model
+        batches: Any = generate(
+            model.denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
+            class_label=args.class_label, batch_size=args.batch, device=device,
+        )  # fmt: skip
+    else:
+        assert source.images is not None
+        batches = _stored_batches(source.images, count, args.batch)
+    stats = compute_stats(batches, detector, max_items=count, progress=bar.update)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    value = fid_from_stats(stats, reference)
+
+    nfe = expected_nfe(settings.steps, settings.solver) if settings is not None else None
+    result = {
+        "metric": detector.metric,
+        "value": value,
+        "num": stats.count,
+        "detector": detector.describe(),
+        "reference": {"path": str(args.ref), "meta": reference.meta},
+        "source": {"kind": source.kind, "path": str(args.source), **source.info},
+        "sampler": settings.to_dict() if settings is not None else None,
+        "nfe": nfe,
+        "seeds": format_seeds(seeds) if seeds is not None else None,
+        "class": args.class_label,
+        "time_s": round(elapsed, 3),
+        "img_per_s": round(stats.count / max(elapsed, 1e-9), 2),
+        "aotdiff": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = args.out or default_out(source, detector.metric, settings, stats.count)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    how = (
+        f"sampler {settings.solver} {settings.steps} steps, rho {settings.rho:g}, {nfe} NFE, seeds {result['seeds']}"
+        if settings is not None else f"stored images from {args.source}"
+    )  # fmt: skip
+    print(f"{detector.metric} {value:.4f}  (N = {stats.count:,}; detector {detector.name}, SHA-256 {detector.sha256};"
+          f" {how})")  # fmt: skip
+    print(f"wrote {out}")
+    return 0
