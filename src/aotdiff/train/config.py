@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = _f("fp32", "'fp32' (TF32 off, as EDM), 'tf32' (TF32 matmuls on CUDA) or 'bf16' (autocast)")
     compile: bool = _f(False, "wrap the network in torch.compile")
     device: str = _f("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default, one per core); use 1 when other jobs share the cores")
     # --- observability and checkpoints
     tick_kimg: float = _f(2.0, "log one line to log.jsonl every this many kimg", unit="kimg")
     snapshot_kimg: float = _f(20.0, "write a checkpoint and a sample grid every this many kimg", unit="kimg")
@@ -87,7 +88,7 @@ class TrainConfig:
 # Fields that may change between a run and its resumption without changing what is being trained.
 RESUMABLE_CHANGES = frozenset(
     {"duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "grid_seeds", "grid_steps", "device",
-     "aot_prefetch", "aot_backend", "compile"}
+     "aot_prefetch", "aot_backend", "compile", "threads"}
 )  # fmt: skip
 
 _CIFAR_AOT = dict(
@@ -213,6 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--batch-gpu must be >= 0 (0 = batch / devices), got {cfg.batch_gpu}")
     if not 0 <= cfg.augment <= 1 or not 0 <= cfg.dropout < 1:
         raise ValueError("--augment must lie in [0, 1] and --dropout in [0, 1)")
+    if cfg.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {cfg.threads}")
     if cfg.aot_pools < 1:
         raise ValueError(f"--aot-pools must be >= 1, got {cfg.aot_pools}")
 
