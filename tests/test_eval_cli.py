@@ -230,3 +230,26 @@ def test_bad_input_gets_an_exact_error(args, message, digits_run, toy_run, tmp_p
     names = {"digits": str(digits_run), "toy": str(toy_run), "tmp": str(tmp_path)}
     assert main([a.format(**names) for a in args] + ["--device", "cpu"]) == 2
     assert capsys.readouterr().err == message.format(**names) + "\n"
+
+
+def test_fid_calc_on_a_cifar_shaped_run_with_a_detector_file(tmp_path, capsys, monkeypatch, cache):
+    """A 32x32 RGB run (the CIFAR-10 shape) trained for one step, evaluated with an Inception file + reference stats."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "rgb32.npz"
+    np.savez(data, images=rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "small", "--data", str(data), "--model-channels", "16", "--channel-mult", "1,2",
+                 "--attn-resolutions", "16", "--num-blocks", "1", "--batch", "8", "--duration-kimg", "0.008",
+                 "--grid-seeds", "1", "--grid-steps", "1", "--device", "cpu", "--no-progress", "--out", str(run)]) == 0  # fmt: skip
+    detector_file = tmp_path / "inception-random.pth"
+    torch.save(_random_inception().state_dict(), detector_file)
+    ref = tmp_path / "ref.npz"
+    save_reference(ref, _stats(np.zeros(2048), np.zeros((2048, 2048))))
+    real_sqrtm = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: np.zeros_like(m) if not m.any() else real_sqrtm(m))
+    out = tmp_path / "fid.json"
+    assert main(["fid", "calc", str(run), "--ref", str(ref), "--detector", str(detector_file), "--num", "2",
+                 "--steps", "2", "--rho", "90", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["metric"] == "FID" and result["num"] == 2 and result["nfe"] == 3
+    assert result["sampler"]["rho"] == 90 and np.isfinite(result["value"]) and result["value"] > 0
