@@ -20,7 +20,7 @@ from aotdiff.data import EightGaussians, load_dataset
 from aotdiff.diffusion import edm_loss, sample_sigma
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.config import preset_config, validate
-from aotdiff.train.loop import ConfigMismatchError, resolve_batch, train
+from aotdiff.train.loop import ConfigMismatchError, resolve_batch, sanitize_gradients, train
 
 
 def tiny(**overrides):
@@ -238,3 +238,13 @@ def test_state_file_loads_with_weights_only(tmp_path):
     ckpt = ckpt_io.list_checkpoints(tmp_path / "run")[-1]
     state = torch.load(ckpt / "state.pt", weights_only=True)
     assert state["nimg"] == 128 and "optimizer" in state and "stream" in state
+
+
+def test_non_finite_gradients_are_replaced_and_reported():
+    net = torch.nn.Linear(3, 2)
+    net.weight.grad = torch.tensor([[1.0, float("nan"), float("inf")], [-float("inf"), 2.0, 3.0]])
+    net.bias.grad = torch.tensor([0.5, -0.5])
+    assert sanitize_gradients(net) is True
+    torch.testing.assert_close(net.weight.grad, torch.tensor([[1.0, 0.0, 1e5], [-1e5, 2.0, 3.0]]))
+    torch.testing.assert_close(net.bias.grad, torch.tensor([0.5, -0.5]))
+    assert sanitize_gradients(net) is False  # now finite: nothing to report

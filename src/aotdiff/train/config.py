@@ -61,7 +61,9 @@ class TrainConfig:
     precision: str = _f("fp32", "'fp32' (TF32 off, as EDM), 'tf32' (TF32 matmuls on CUDA) or 'bf16' (autocast)")
     compile: bool = _f(False, "wrap the network in torch.compile")
     device: str = _f("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default, one per core); use 1 when other jobs share the cores")
+    threads: int = _f(
+        0, "CPU threads for torch (0 = torch's default, one per core); use 1 when other jobs share the cores"
+    )
     # --- observability and checkpoints
     tick_kimg: float = _f(2.0, "log one line to log.jsonl every this many kimg", unit="kimg")
     snapshot_kimg: float = _f(20.0, "write a checkpoint and a sample grid every this many kimg", unit="kimg")

@@ -155,6 +155,19 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return batch_gpu, per_device // batch_gpu
 
 
+def sanitize_gradients(module: nn.Module) -> bool:
+    """EDM's guard: NaN -> 0, +-inf -> +-1e5 in every gradient. Returns whether any gradient was non-finite.
+
+    One device synchronisation for the whole check (not one per parameter), and no rewriting when all is finite.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        return False
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    return True
+
+
 def classwise(cfg: TrainConfig) -> bool:
     return cfg.aot_classwise == "yes" or (cfg.aot_classwise == "auto" and cfg.cond)
 
@@ -409,12 +422,7 @@ def _train(
             lr = cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            bad = False
-            for p in net.parameters():
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad = True
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-            nonfinite_steps += int(bad)
+            nonfinite_steps += int(sanitize_gradients(net))
             optimizer.step()
             nimg += cfg.batch
             step += 1
