@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
         "  torchrun --nproc_per_node=4 -m aotdiff train --preset cifar10-uncond --data cifar10-32x32.zip --out runs/c10",
     )
     p.add_argument("--preset", default="digits", choices=list(PRESETS), help="named preset (default: digits)")
-    p.add_argument("--out", type=Path, default=Path("runs/digits"), help="run directory (default: runs/digits)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/PRESET)")
     p.add_argument("--dry-run", action="store_true", default=False, help="print the resolved config and exit")
     p.add_argument("--force", action="store_true", default=False, help="resume even if the config changed")
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar (logs still written)")
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     validate(cfg)
+    if args.out is None:
+        args.out = Path("runs") / args.preset
     if args.dry_run:
         text, _ = describe(cfg)
         print(f"run directory: {args.out}\n{text}")
