@@ -21,9 +21,9 @@ from aotdiff.train.loop import train
 def timed_run(preset: str, kimg: float, out: Path, **overrides: object) -> dict[str, float]:
     cfg = preset_config(preset, duration_kimg=kimg + 1, tick_kimg=1.0, snapshot_kimg=10_000, grid_seeds=1, **overrides)
     train(cfg, out, progress=False, log=lambda s: None)
-    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][1:]  # drop the warm-up tick
-    steps = lines[-1]["step"] - json.loads((out / "log.jsonl").read_text().splitlines()[0])["step"]
-    seconds = lines[-1]["time_s"] - json.loads((out / "log.jsonl").read_text().splitlines()[0])["time_s"]
+    warmup, *lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]  # first tick: warm-up
+    steps = lines[-1]["step"] - warmup["step"]
+    seconds = lines[-1]["time_s"] - warmup["time_s"]
     out_row = {"sec_per_kimg": seconds / (kimg or 1), "ms_per_step": 1e3 * seconds / max(steps, 1)}
     if "ot_ms" in lines[-1]:
         out_row["ot_ms"] = sum(x.get("ot_ms", 0) for x in lines) / len(lines)

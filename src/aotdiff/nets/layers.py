@@ -354,3 +354,18 @@ class ConditioningMixin:
             emb = emb + self.map_augment(aug.to(emb.dtype))
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a ValueError with ``message`` (which names the argument) unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(message)
+
+
+def positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int, refusing bools, non-integers and values below ``minimum`` (message names ``name``)."""
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name}: expected an integer >= {minimum}, got {value!r}",
+    )
+    return int(value)

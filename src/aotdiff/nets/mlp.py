@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConditioningMixin, Dense, PositionalEmbedding, check_labels
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+from .layers import ConditioningMixin, Dense, PositionalEmbedding, check_labels, positive_int, require
 
 
 def fourier_matrix(in_dim: int, num_features: int, scale: float, seed: int) -> torch.Tensor:
@@ -97,14 +92,11 @@ class MLPDenoiser(ConditioningMixin, nn.Module):
             ("fourier_features", fourier_features, 1),
             ("noise_channels", noise_channels, 4),
         ]:
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-                f"{name}: expected an integer >= {minimum}, got {value!r}",
-            )
-        _check(noise_channels % 2 == 0, f"noise_channels: expected an even number, got {noise_channels}")
-        _check(fourier_scale > 0, f"fourier_scale: expected a positive frequency scale, got {fourier_scale}")
-        _check(0 <= dropout < 1, f"dropout: expected a probability in [0, 1), got {dropout}")
-        _check(0 <= label_dropout <= 1, f"label_dropout: expected a probability in [0, 1], got {label_dropout}")
+            positive_int(name, value, minimum)
+        require(noise_channels % 2 == 0, f"noise_channels: expected an even number, got {noise_channels}")
+        require(fourier_scale > 0, f"fourier_scale: expected a positive frequency scale, got {fourier_scale}")
+        require(0 <= dropout < 1, f"dropout: expected a probability in [0, 1), got {dropout}")
+        require(0 <= label_dropout <= 1, f"label_dropout: expected a probability in [0, 1], got {label_dropout}")
         self.config: dict[str, Any] = dict(
             name="mlp",
             in_dim=in_dim,

@@ -35,6 +35,8 @@ from .layers import (
     check_labels,
     check_resample_filter,
     group_norm,
+    positive_int,
+    require,
 )
 
 EMBEDDING_TYPES = ("positional", "fourier")
@@ -46,19 +48,6 @@ DECODER_TYPES = ("standard", "skip")
 INIT: dict[str, Any] = dict(init_mode="xavier_uniform")
 INIT_ZERO: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=1e-5)
 INIT_ATTN: dict[str, Any] = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{name}: expected an integer >= {minimum}, got {value!r}",
-    )
-    return int(value)
 
 
 def level_resolutions(img_resolution: int, num_levels: int) -> list[int]:
@@ -97,33 +86,33 @@ def validate_songunet_args(
         ("num_blocks", num_blocks, 1),
         ("channel_mult_noise", channel_mult_noise, 1),
     ]:
-        _positive_int(name, value, minimum)
-    _require(
+        positive_int(name, value, minimum)
+    require(
         len(channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in channel_mult),
         f"channel_mult: expected a non-empty list of positive integers, got {list(channel_mult)}",
     )
     factor = 2 ** (len(channel_mult) - 1)
-    _require(
+    require(
         img_resolution % factor == 0,
         f"img_resolution: {img_resolution} is not divisible by 2^(len(channel_mult)-1) = {factor} "
         f"(channel_mult={list(channel_mult)} has {len(channel_mult)} levels); use fewer levels or another size",
     )
     levels = level_resolutions(img_resolution, len(channel_mult))
     missing = [r for r in attn_resolutions if r not in levels]
-    _require(
+    require(
         not missing,
         f"attn_resolutions: {missing} is not a resolution of this network (levels {levels} for "
         f"img_resolution={img_resolution}, channel_mult={list(channel_mult)})",
     )
-    _require(0 <= dropout < 1, f"dropout: expected a probability in [0, 1), got {dropout}")
-    _require(0 <= label_dropout <= 1, f"label_dropout: expected a probability in [0, 1], got {label_dropout}")
-    _require(
+    require(0 <= dropout < 1, f"dropout: expected a probability in [0, 1), got {dropout}")
+    require(0 <= label_dropout <= 1, f"label_dropout: expected a probability in [0, 1], got {label_dropout}")
+    require(
         embedding_type in EMBEDDING_TYPES, f"embedding_type: expected one of {EMBEDDING_TYPES}, got {embedding_type!r}"
     )
-    _require(encoder_type in ENCODER_TYPES, f"encoder_type: expected one of {ENCODER_TYPES}, got {encoder_type!r}")
-    _require(decoder_type in DECODER_TYPES, f"decoder_type: expected one of {DECODER_TYPES}, got {decoder_type!r}")
+    require(encoder_type in ENCODER_TYPES, f"encoder_type: expected one of {ENCODER_TYPES}, got {encoder_type!r}")
+    require(decoder_type in DECODER_TYPES, f"decoder_type: expected one of {DECODER_TYPES}, got {decoder_type!r}")
     check_resample_filter(resample_filter)
-    _require(
+    require(
         (model_channels * channel_mult_noise) % 2 == 0 and model_channels * channel_mult_noise >= 4,
         f"model_channels * channel_mult_noise = {model_channels * channel_mult_noise} must be even and >= 4 "
         "(the noise embedding is sin/cos pairs)",
@@ -494,7 +483,7 @@ def small_channel_mult(img_resolution: int) -> tuple[int, ...]:
 
     8 -> [8, 4] px, mult (1, 2); 16 -> [16, 8, 4], (1, 2, 2); 32 -> [32, 16, 8, 4], (1, 2, 2, 2); 28 -> [28, 14, 7].
     """
-    _positive_int("img_resolution", img_resolution)
+    positive_int("img_resolution", img_resolution)
     num_levels, res = 1, img_resolution
     while num_levels < 4 and res % 2 == 0 and res // 2 >= 4:
         res //= 2
