@@ -20,7 +20,7 @@ class UserError(Exception):
     """A problem with the user's input: printed without a traceback, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aotdiff",
         description="Train and sample diffusion models with Approximated Optimal Transport (AOT) noise coupling.",
@@ -30,18 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"aotdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"aotdiff.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"aotdiff.cli.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        module = importlib.import_module(f"aotdiff.cli.{name}")
+        if name == "train":  # its --help shows the values of the preset named on the command line
+            module.register(sub, argv)
+        else:
+            module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
@@ -54,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: the message names the input and the fix; a traceback would only hide it.
         print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # The machine refused (disk full, read-only, permissions): say which file and why, without a traceback.
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"aotdiff {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from aotdiff.train.config import PRESET_HELP, PRESETS, TrainConfig, preset_config
+from aotdiff.train.config import FLAG_NAMES, PRESET_HELP, PRESETS, TrainConfig, preset_config
 
 _TYPES = typing.get_type_hints(TrainConfig)
 
@@ -24,27 +25,40 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got '{text}'") from None
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; the help shows the unit and the digits preset's value as an example."""
-    base = preset_config("digits")
+def preset_in_argv(argv: list[str] | None) -> str:
+    """The --preset given on the command line (so --help can show that preset's values), else 'digits'."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args):
+        if a == "--preset" and i + 1 < len(args):
+            return args[i + 1] if args[i + 1] in PRESETS else "digits"
+        if a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+            return name if name in PRESETS else "digits"
+    return "digits"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, preset: str = "digits") -> None:
+    """One flag per TrainConfig field; the help shows the unit and the value of the chosen preset."""
+    base = TrainConfig.from_dict({**PRESETS[preset], "preset": preset})
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
         typ = _TYPES[f.name]
         unit = f.metadata.get("unit")
-        example = getattr(base, f.name)
-        shown = ",".join(map(str, example)) if isinstance(example, list) else example
-        help_text = f"{f.metadata['help']}{f' [{unit}]' if unit else ''} (digits preset: {shown})"
+        value = getattr(base, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, list) else (value if value != "" else "none")
+        help_text = f"{f.metadata['help']}{f' [{unit}]' if unit else ''} ({preset} preset: {shown})"
+        kw: dict[str, Any] = {"dest": f.name, "help": help_text}
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typ == list[int]:
-            parser.add_argument(flag, type=_int_list, metavar="N,N,..", help=help_text)
+            parser.add_argument(*flags, type=_int_list, metavar="N,N,..", **kw)
         else:
-            parser.add_argument(flag, type=typ, metavar=f.name.split("_")[-1].upper(), help=help_text)
+            parser.add_argument(*flags, type=typ, metavar=f.name.split("_")[-1].upper(), **kw)
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, argv: list[str] | None = None) -> None:
     presets = "\n".join(f"  {name:20s} {PRESET_HELP.get(name, '')}" for name in PRESETS)
     p = sub.add_parser(
         "train",
@@ -57,16 +71,24 @@ def register(sub: Any) -> None:
             "Ctrl-C or SIGTERM saves a checkpoint and exits. Under torchrun, every process trains its share.\n\n"
             f"Presets:\n{presets}\n\nAny preset value can be overridden with the flags below."
         ),
-        epilog="Examples:\n  aotdiff train --out runs/digits\n  aotdiff train --preset digits --coupling aot "
+        epilog="Examples:\n  aotdiff train --out runs/digits --kimg 100\n  aotdiff train --preset digits --coupling aot "
         "--out runs/digits-aot\n  aotdiff train --preset toy2d --data toy:moons --out runs/moons\n"
         "  torchrun --nproc_per_node=4 -m aotdiff train --preset cifar10-uncond --data cifar10-32x32.zip --out runs/c10",
     )
     p.add_argument("--preset", default="digits", choices=list(PRESETS), help="named preset (default: digits)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/PRESET)")
-    p.add_argument("--dry-run", action="store_true", default=False, help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", default=False,
+                   help="print the resolved config and the parameter count, then exit (no data needed for a preset "
+                   "that knows its data's shape)")  # fmt: skip
     p.add_argument("--force", action="store_true", default=False, help="resume even if the config changed")
+    p.add_argument("--restart", action="store_true", default=False,
+                   help="train from scratch in an existing run directory; its checkpoints, log and grids are moved "
+                   "aside into RUN/abandoned-DATE (nothing is deleted)")  # fmt: skip
+    p.add_argument("--keep-going", action="store_true", default=False,
+                   help="train on when a periodic checkpoint cannot be written (default: stop with an error); the "
+                   "final checkpoint must always be written")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar (logs still written)")
-    add_config_flags(p)
+    add_config_flags(p, preset_in_argv(argv))
     p.set_defaults(run=run)
 
 
@@ -81,17 +103,22 @@ def run(args: argparse.Namespace) -> int:
     from aotdiff.train.loop import describe, train
 
     cfg = config_from_args(args)
-    validate(cfg)
+    validate(cfg, need_data=not args.dry_run)
     if args.out is None:
         args.out = Path("runs") / args.preset
     if args.dry_run:
         text, _ = describe(cfg)
         print(f"run directory: {args.out}\n{text}")
         return 0
-    result = train(cfg, args.out, force=args.force, progress=not args.no_progress)
+    result = train(
+        cfg, args.out, force=args.force, restart=args.restart, keep_going=args.keep_going,
+        progress=not args.no_progress,
+    )  # fmt: skip
     where = f"{result.nimg / 1000:.1f} kimg"
     if result.interrupted:
-        print(f"stopped at {where}; rerun the same command to resume", file=sys.stderr)
-    else:
-        print(f"done: {where}; sample with `aotdiff sample {args.out} --grid grid.png`", file=sys.stderr)
+        # Not a success: `aotdiff train ... && aotdiff sample ...` must not go on with an unfinished model.
+        cause = signal.Signals(result.signal).name if result.signal else "a stop request"
+        print(f"stopped by {cause} at {where} (checkpoint saved); rerun the same command to resume", file=sys.stderr)
+        return 128 + result.signal if result.signal else 1
+    print(f"done: {where}; sample with `aotdiff sample {args.out} --grid grid.png`", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -132,10 +133,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def prune(run_dir: str | Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in checkpoint_dir(run_dir).glob(".tmp-*"):  # leftovers of a crash mid-write
-        if tmp.name.endswith(f"-{os.getpid()}"):
+    remove_temporary(run_dir, keep_own=True)
+
+
+def remove_temporary(run_dir: str | Path, *, keep_own: bool = False) -> list[Path]:
+    """Delete the temporary folders a killed save left behind (call only while holding the run's lock)."""
+    root = checkpoint_dir(run_dir)
+    removed = []
+    for tmp in root.glob(".tmp-*") if root.is_dir() else []:
+        if keep_own and tmp.name.endswith(f"-{os.getpid()}"):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def verify(ckpt: Path) -> None:
@@ -170,9 +180,17 @@ def read_weights(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file (never executes code)."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated file, bad header, not safetensors)
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it may be truncated or corrupt: use another checkpoint"
+        ) from None
     return tensors, metadata
 
 
@@ -181,18 +199,41 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> Che
     verify(ckpt)
     model, metadata = read_weights(ckpt / "model.safetensors", device)
     ema, _ = read_weights(ckpt / "ema.safetensors", device)
-    state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
-    return Checkpoint(ckpt, model, ema, state, metadata)
+    return Checkpoint(ckpt, model, ema, load_state(ckpt / STATE_FILE, device), metadata)
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``state.pt`` with weights-only unpickling; anything else inside is refused (never executed)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests retrying with weights_only=False, i.e. running the file's code: never.
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values (not written by aotdiff, or tampered with); "
+            "it was refused without running anything"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not the state dict aotdiff writes")
+    return state
+
+
+def find_resumable(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that loads, and a line per newer checkpoint that did not (path: reason)."""
+    problems: list[str] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(ckpt, device), problems
+        except (CheckpointError, OSError, RuntimeError, KeyError, ValueError) as e:
+            problems.append(f"{ckpt}: {e}")
+    return None, problems
 
 
 def load_latest(run_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint | None:
     """The newest checkpoint that verifies; corrupt ones are skipped with a warning. None if there is none."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            return load_checkpoint(ckpt, device)
-        except (CheckpointError, OSError, RuntimeError) as e:
-            warnings.warn(f"skipping checkpoint {ckpt}: {e}; trying the previous one", stacklevel=2)
-    return None
+    latest, problems = find_resumable(run_dir, device)
+    for problem in problems:
+        warnings.warn(f"skipping checkpoint {problem}; trying the previous one", stacklevel=2)
+    return latest
 
 
 # ------------------------------------------------------------------------------------------ models for sampling

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,7 +24,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # --- what to train on and with which network
-    preset: str = _f("digits", "named preset the other values start from (see --list-presets)")
+    preset: str = _f("digits", "named preset the other values start from (listed in `aotdiff train --help`)")
     data: str = _f(
         "digits",
         "dataset: 'digits' (built in, 8x8), 'digits16' (padded to 16x16), 'toy:8gaussians' | 'toy:moons' | "
@@ -53,7 +54,11 @@ class TrainConfig:
     aot_pool: int = _f(512, "AOT pool size P per device: images paired with noise in one assignment", unit="images")
     aot_cost: str = _f("l2", "AOT cost: 'l2' (Euclidean, as the authors' code) or 'sqeuclidean' (the W2 cost)")
     aot_scope: str = _f("rank", "AOT under DDP: 'rank' (each device its own pool, as the paper) or 'global'")
-    aot_pools: int = _f(1, "emulate K devices' pools on each device (paper: 4 pools of P on 4 GPUs)")
+    aot_pools: int = _f(
+        1,
+        "pools of P per device, each giving batch-gpu/K rows per step (emulates K devices' pools; 0 = the preset's "
+        "recipe: 4 / devices for the CIFAR-10 presets, the paper's 4 GPUs x 1 pool)",
+    )
     aot_classwise: str = _f("auto", "pair only within a class: 'auto' (= when --cond), 'yes' or 'no'")
     aot_backend: str = _f("auto", "assignment solver: 'auto', 'scipy', 'lapjv' or 'pot'")
     aot_prefetch: bool = _f(True, "solve the next pool in a background thread while training on the current one")
@@ -68,9 +73,14 @@ class TrainConfig:
     tick_kimg: float = _f(2.0, "log one line to log.jsonl every this many kimg", unit="kimg")
     snapshot_kimg: float = _f(20.0, "write a checkpoint and a sample grid every this many kimg", unit="kimg")
     keep_checkpoints: int = _f(3, "how many of the newest checkpoints to keep")
-    grid_seeds: int = _f(64, "number of fixed seeds for the snapshot sample grid")
+    grid_seeds: int = _f(64, "number of fixed seeds for the snapshot sample grid (0 = no grid)")
     grid_steps: int = _f(18, "Heun steps for the snapshot sample grid")
     data_size: int = _f(20000, "number of points for 2-D toy datasets")
+    init_from: str = _f(
+        "",
+        "start from the weights of a run, checkpoint folder or .safetensors (fresh optimizer and counters; "
+        "only when there is no checkpoint to resume)",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +100,7 @@ class TrainConfig:
 # Fields that may change between a run and its resumption without changing what is being trained.
 RESUMABLE_CHANGES = frozenset(
     {"duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "grid_seeds", "grid_steps", "device",
-     "aot_prefetch", "aot_backend", "compile", "threads"}
+     "aot_prefetch", "aot_backend", "compile", "threads", "init_from"}
 )  # fmt: skip
 
 _CIFAR_AOT = dict(
@@ -110,6 +120,7 @@ _CIFAR_AOT = dict(
     ema_rampup_ratio=0.05,
     coupling="aot",
     aot_cost="l2",
+    aot_pools=0,  # the paper's 4 pools per step whatever the device count (4 / devices per device)
     tick_kimg=50.0,
     snapshot_kimg=2500.0,
     keep_checkpoints=5,
@@ -173,6 +184,12 @@ PRESET_SHAPES: dict[str, tuple[int, ...] | None] = {
     "edm-cifar10-uncond": (3, 32, 32),
 }
 
+# Class count of a preset's dataset (to describe the network before the data is given).
+PRESET_CLASSES: dict[str, int] = {"cifar10-uncond": 10, "cifar10-cond": 10, "edm-cifar10-uncond": 10}
+
+# Devices of the published recipe: the AOT paper trained CIFAR-10 on 4 GPUs, one pool each (aot_pools 0 = emulate).
+PAPER_DEVICES: dict[str, int] = {"cifar10-uncond": 4, "cifar10-cond": 4}
+
 PRESET_HELP = {
     "digits": "built-in default: small SongUNet on scikit-learn digits (8x8); a few minutes on 2 CPU cores",
     "toy2d": "MLP on a 2-D distribution (8 Gaussians by default; --data toy:moons / toy:checkerboard)",
@@ -191,8 +208,32 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Refuse settings that cannot work, naming the flag and the fix."""
+# Command-line names of fields whose documented flag is not "--field-name" (the field's own flag stays an alias).
+FLAG_NAMES: dict[str, tuple[str, ...]] = {"duration_kimg": ("--kimg", "--duration-kimg")}
+
+
+def flag_name(field_name: str) -> str:
+    """The documented command-line flag of a configuration field (used in every error message)."""
+    return FLAG_NAMES.get(field_name, ("--" + field_name.replace("_", "-"),))[0]
+
+
+
+# (field, lowest allowed, whether the lowest value itself is allowed); every float must also be finite.
+_RANGES: tuple[tuple[str, float, bool], ...] = (
+    ("model_channels", 1, True), ("num_blocks", 1, True), ("duration_kimg", 0, False), ("batch", 1, True),
+    ("batch_gpu", 0, True), ("lr", 0, False), ("lr_rampup_kimg", 0, True), ("ema_halflife_kimg", 0, False),
+    ("ema_rampup_ratio", 0, True), ("seed", 0, True), ("aot_pool", 1, True), ("aot_pools", 0, True),
+    ("threads", 0, True), ("tick_kimg", 0, False), ("snapshot_kimg", 0, False), ("keep_checkpoints", 1, True),
+    ("grid_seeds", 0, True), ("grid_steps", 1, True), ("data_size", 1, True),
+)  # fmt: skip
+
+
+def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
+    """Refuse settings that cannot work before any work starts, naming the flag and the fix.
+
+    Every number is checked (finite, in range): NaN passes comparisons like ``rho > 0``, so it is tested explicitly.
+    ``need_data=False`` lets ``--dry-run`` describe a dataset preset before its data is there.
+    """
     choices = {
         "arch": ("small", "ddpmpp", "ncsnpp", "mlp"),
         "coupling": ("independent", "aot"),
@@ -204,22 +245,28 @@ def validate(cfg: TrainConfig) -> None:
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got '{getattr(cfg, name)}'")
-    if not cfg.data:
+            raise ValueError(f"{flag_name(name)} must be one of {', '.join(allowed)}; got '{getattr(cfg, name)}'")
+    if need_data and not cfg.data:
         raise ValueError(f"preset '{cfg.preset}' needs a dataset: pass --data PATH")
-    positive = ("batch", "duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "model_channels")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.batch_gpu < 0:
-        raise ValueError(f"--batch-gpu must be >= 0 (0 = batch / devices), got {cfg.batch_gpu}")
-    if not 0 <= cfg.augment <= 1 or not 0 <= cfg.dropout < 1:
-        raise ValueError("--augment must lie in [0, 1] and --dropout in [0, 1)")
-    if cfg.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {cfg.threads}")
-    if cfg.aot_pools < 1:
-        raise ValueError(f"--aot-pools must be >= 1, got {cfg.aot_pools}")
+    for name, low, inclusive in _RANGES:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ValueError(f"{flag_name(name)} must be a finite number {bound}, got {value}")
+    if cfg.seed >= 2**63:
+        raise ValueError(f"--seed must be below 2^63, got {cfg.seed}")
+    if not 0 <= cfg.augment <= 1 or not 0 <= cfg.dropout < 1:  # also false for NaN
+        raise ValueError(f"--augment must lie in [0, 1] and --dropout in [0, 1); got {cfg.augment} and {cfg.dropout}")
+    if cfg.aot_classwise == "yes" and not cfg.cond:
+        # Pairing within classes while the network never sees the class would tie each noise to a label the
+        # sampler cannot know: refuse rather than train something nobody can sample from as intended.
+        raise ValueError(
+            "--aot-classwise yes pairs images and noise within each class, which is meant for class-conditional "
+            "models: add --cond, or use --aot-classwise auto (class-wise exactly when --cond)"
+        )
+    for name in ("channel_mult", "attn_resolutions"):
+        if any(v < 1 for v in getattr(cfg, name)):
+            raise ValueError(f"{flag_name(name)} values must be positive, got {getattr(cfg, name)}")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
