@@ -38,7 +38,7 @@ def test_train_then_resume_then_sample(tmp_path, capsys):
     assert (tmp_path / "g.png").stat().st_size > 0
     # Same seeds, any batch size: identical samples.
     out2 = tmp_path / "s2.npz"
-    assert main(["sample", str(run), "--steps", "5", "--seeds", "3-5", "--batch", "2", "--out", str(out2)]) == 0
+    assert main(["sample", str(run), "--steps", "5", "--seeds", "3-5", "--max-batch", "2", "--out", str(out2)]) == 0
     with np.load(out) as a, np.load(out2) as b:
         np.testing.assert_allclose(a["points"][3:6], b["points"], atol=1e-6)  # BLAS blocking varies with batch
 
@@ -109,7 +109,7 @@ def test_module_entry_point_runs():
 
 
 def test_bench_train_prints_a_row(capsys):
-    assert main(["bench", "train", "--preset", "toy2d", "--steps", "2", "--device", "cpu"]) == 0
+    assert main(["bench", "train", "--preset", "toy2d", "--iters", "2", "--device", "cpu"]) == 0
     assert "| toy2d |" in capsys.readouterr().out
 
 

@@ -1,24 +1,33 @@
-"""`aotdiff fid ref | calc` and `aotdiff curvature`: the numbers they print and record are the library's maths on
-the right images, the 50,000-sample protocol is enforced unless asked otherwise, and bad input gets a clear error.
+"""`aotdiff sample`, `fid ref | calc`, `curvature` and `bench`: the numbers they print and record are the library's
+maths on the right images, the 50,000-sample protocol is enforced unless asked otherwise, files are written exactly
+where asked, flags mean the same thing in every command, and bad input gets a one-line error before any work.
 
 The CIFAR-10-shaped path uses a randomly initialised Inception-v3 saved in pytorch-fid's state-dict layout (the real
 weights are never needed) and only three images, since Inception at 299 px is slow on a CPU.
 """
 
+import argparse
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image
 from torch import nn
 
-from aotdiff.cli import main
+from aotdiff.cli import build_parser, common, main
 from aotdiff.data import load_digits
 from aotdiff.generate import SamplerSettings, generate
 from aotdiff.metrics import curvature_report, frechet_distance, load_proxy_detector, save_reference
 from aotdiff.metrics.inception import InceptionV3
+from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.checkpoint import load_model
 from aotdiff.train.config import preset_config
 from aotdiff.train.loop import train
@@ -63,7 +72,7 @@ def test_fid_ref_and_calc_on_a_digits_run_use_the_proxy_and_the_right_images(dig
     assert main(["fid", "ref", "--data", "digits", "--out", str(ref), "--device", "cpu"]) == 0
     out = tmp_path / "result.json"
     args = ["fid", "calc", str(digits_run), "--ref", str(ref), "--num", "64", "--steps", "3", "--rho", "90",
-            "--batch", "24", "--out", str(out), "--device", "cpu"]  # fmt: skip
+            "--max-batch", "24", "--out", str(out), "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -182,7 +191,7 @@ def test_cifar_shaped_samples_with_a_pytorch_fid_detector_file(tmp_path, capsys,
 def test_curvature_command_writes_the_report_and_its_plot(toy_run, tmp_path, capsys):
     out = tmp_path / "curv" / "report.json"
     args = ["curvature", str(toy_run), "--num", "12", "--steps", "12", "--rho", "7", "--truncation-steps", "2,4",
-            "--batch", "5", "--out", str(out), "--device", "cpu"]  # fmt: skip
+            "--max-batch", "5", "--out", str(out), "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     report = json.loads(out.read_text())
     model = load_model(toy_run)
@@ -253,3 +262,421 @@ def test_fid_calc_on_a_cifar_shaped_run_with_a_detector_file(tmp_path, capsys, m
     result = json.loads(out.read_text())
     assert result["metric"] == "FID" and result["num"] == 2 and result["nfe"] == 3
     assert result["sampler"]["rho"] == 90 and np.isfinite(result["value"]) and result["value"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ shared CLI contract
+def _leaf_parsers(parser=None, prefix=()):
+    """(command words, parser) for every command that runs, e.g. ('fid', 'calc')."""
+    parser = parser or build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    yield from _leaf_parsers(sub, (*prefix, name))
+                else:
+                    yield (*prefix, name), sub
+
+
+def _canonical_flags():
+    p = argparse.ArgumentParser()
+    common.add_sampler_flags(p)
+    common.add_class_flag(p)
+    common.add_raw_flag(p)
+    common.add_max_batch_flag(p)
+    common.add_device_flag(p)
+    common.add_progress_flag(p)
+    return {o: a for a in p._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+def _core_help(text):
+    """Help without its '(default: ...)' or '(digits preset: ...)' tail: defaults may differ, the meaning may not."""
+    return re.sub(r"\s*\((default|[\w-]+ preset): [^()]*\)$", "", text or "")
+
+
+# Commands where a shared name deliberately takes another form; each entry says why, and the help must still carry
+# the shared meaning (checked below).
+VARIANTS = {
+    ("curvature", "--steps"): "sampler steps of the fine reference grid (contract: aotdiff curvature --steps N)",
+    ("curvature", "--rho"): "schedule exponent of the fine reference grid",
+    ("sweep", "--steps"): "a list of sampler step counts",
+    ("sweep", "--rho"): "a list of schedule exponents",
+    ("sweep", "--solver"): "a list of solvers",
+    ("sweep", "--dg-weight"): "a list of guidance weights (one sweep cell per weight)",
+    ("curvature", "--dg-boost"): "refused: boosting's churn would make the trajectories stochastic",
+    ("train", "--batch"): "the training batch per optimizer step",
+    ("bench", "train", "--batch"): "the training batch per optimizer step",
+    ("dg", "train", "--steps"): "sampler steps of the fakes the discriminator is trained on",
+    ("dg", "train", "--rho"): "schedule exponent of the fakes' sampler",
+    ("dg", "train", "--solver"): "solver of the fakes' sampler",
+    ("dg", "train", "--batch"): "the discriminator's training batch per optimizer step",
+}
+MEANING = {"--steps": "sampler step", "--batch": "optimizer step", "--rho": "exponent", "--solver": "heun"}
+
+
+def test_every_shared_flag_has_one_meaning_in_every_command():
+    canonical = _canonical_flags()
+    leaves = dict(_leaf_parsers())
+    assert {("sample",), ("fid", "ref"), ("fid", "calc"), ("curvature",), ("bench", "train"), ("bench", "sample"),
+            ("train",), ("sweep",)} <= leaves.keys()  # fmt: skip
+    problems = []
+    for words, parser in leaves.items():
+        flags = {o: a for a in parser._actions for o in a.option_strings}
+        # Every command takes --device, and every command that shows a progress bar takes --no-progress.
+        if "--device" not in flags:
+            problems.append(f"{' '.join(words)}: no --device")
+        if words[0] != "bench" and "--no-progress" not in flags:
+            problems.append(f"{' '.join(words)}: no --no-progress")
+        for option, action in flags.items():
+            if option not in canonical or (type(action).__name__ == "_RenamedFlag" and option != "--batch"):
+                continue  # not shared, or a hidden flag that only stops with a pointer to its new name
+            ref = canonical[option]
+            where = f"aotdiff {' '.join(words)} {option}"
+            if (*words, option) in VARIANTS:
+                if action.help == argparse.SUPPRESS or MEANING.get(option, "") not in (action.help or ""):
+                    problems.append(f"{where}: its help must say it means '{MEANING.get(option)}': {action.help!r}")
+                continue
+            # Same help, type and action; a hidden --batch is the same stop-and-point-to---max-batch everywhere.
+            same = (
+                _core_help(action.help) == _core_help(ref.help)
+                and action.type == ref.type
+                and action.choices == ref.choices
+                and action.nargs == ref.nargs
+                and type(action) is type(ref)
+                and action.dest == ref.dest
+            )
+            if not same:
+                problems.append(f"{where}: {action.help!r} ({action.type}) differs from {ref.help!r} ({ref.type})")
+    assert not problems, "\n".join(problems)
+
+
+SAMPLING_COMMANDS = [
+    ["sample", "{toy}"],
+    ["fid", "ref", "--data", "digits", "--out", "{tmp}/r.npz"],
+    ["fid", "calc", "{digits}", "--ref", "{tmp}/ref.npz", "--num", "8"],
+    ["curvature", "{toy}"],
+    ["bench", "sample"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", SAMPLING_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_batch_on_a_sampling_command_points_to_max_batch(command, digits_run, toy_run, tmp_path, capsys):
+    """--batch is the training batch; where it used to mean images per call, it stops with one line, no usage dump."""
+    names = {"digits": str(digits_run), "toy": str(toy_run), "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**names) for a in command] + ["--batch", "8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --batch is not a flag of" in err and "use --max-batch N" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--steps", "2"])  # timed iterations are --iters; --steps means sampler steps
+    assert "use --iters N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
+@pytest.mark.parametrize("command", SAMPLING_COMMANDS + [["bench", "train"]], ids=lambda c: " ".join(c[:2]))
+def test_device_is_validated_with_one_line_naming_the_choices(command, device, digits_run, toy_run, tmp_path, capsys):
+    names = {"digits": str(digits_run), "toy": str(toy_run), "tmp": str(tmp_path)}
+    save_reference(tmp_path / "ref.npz", _stats(np.zeros(128), np.eye(128)))
+    assert main([a.format(**names) for a in command] + ["--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--device {device}: unknown device; choose auto, cpu, cuda or cuda:N" in err
+    assert not (tmp_path / "r.npz").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_any_work(toy_run, capsys):
+    assert main(["curvature", str(toy_run), "--device", "cuda:0"]) == 2
+    assert capsys.readouterr().err == (
+        "aotdiff curvature: error: --device cuda:0: CUDA is not available on this machine; use --device cpu (or auto)\n"
+    )
+
+
+def test_no_progress_silences_every_bar(digits_run, toy_run, tmp_path, capsys):
+    """With --no-progress nothing at all goes to stderr on success (the bars are the only thing written there)."""
+    sample = ["sample", str(toy_run), "--steps", "2", "--seeds", "0-3", "--out", str(tmp_path / "s.npz"), "--device",
+              "cpu"]  # fmt: skip
+    assert main(sample) == 0
+    assert "%|" in capsys.readouterr().err  # the bar is shown by default ...
+    runs = [
+        sample,
+        ["fid", "ref", "--data", "digits", "--out", str(tmp_path / "r.npz")],
+        ["fid", "calc", str(digits_run), "--ref", str(tmp_path / "r.npz"), "--num", "4", "--steps", "2", "--out",
+         str(tmp_path / "f.json")],  # r.npz records its detector: no warning on stderr
+        ["curvature", str(toy_run), "--num", "2", "--steps", "3", "--truncation-steps", "2", "--out",
+         str(tmp_path / "c.json")],
+    ]  # fmt: skip
+    for args in runs:
+        assert main(args + ["--device", "cpu", "--no-progress"]) == 0, args
+        assert capsys.readouterr().err == "", args  # ... and never with --no-progress
+
+
+def test_curvature_fine_steps_is_an_alias_of_steps(toy_run, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common_args = ["--num", "3", "--truncation-steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(["curvature", str(toy_run), "--steps", "5", "--out", str(a), *common_args]) == 0
+    assert main(["curvature", str(toy_run), "--fine-steps", "5", "--out", str(b), *common_args]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["steps"] == rb["steps"] == 5 and ra["nfe"] == 9 and ra["curvature"] == rb["curvature"]
+
+
+def test_bench_times_iters_and_samples_with_steps(capsys):
+    assert main(["bench", "sample", "--preset", "toy2d", "--steps", "3", "--max-batch", "4", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nfe"] == 5 and result["batch"] == 4  # 3 Heun steps: 2 * 3 - 1 network calls of 4 images
+    assert main(["bench", "train", "--preset", "toy2d", "--iters", "1", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ sample's output file
+def test_sample_writes_exactly_the_path_given_or_refuses_it(toy_run, tmp_path, capsys):
+    base = ["sample", str(toy_run), "--steps", "2", "--seeds", "0-3", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "new" / "deeper" / "pts.npz"
+    assert main([*base, "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote 4 samples (3 network evaluations each) to {out}\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pts.npz"]  # no pts.npz.npz, no temporary file left
+    with np.load(out) as f:
+        assert f["points"].shape == (4, 2)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # an ordinary file, not mkstemp's private 0600
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "file").write_text("x")
+    refusals = {
+        str(folder): f"aotdiff sample: error: --out {folder}: the file name must end in .npz (it is written exactly "
+        "as given)",
+        str(tmp_path / "noext"): f"aotdiff sample: error: --out {tmp_path / 'noext'}: the file name must end in .npz",
+        str(tmp_path / "dir.npz"): f"aotdiff sample: error: --out {tmp_path / 'dir.npz'} is an existing folder; give "
+        "a file name ending in .npz",
+        str(tmp_path / "file" / "s.npz"): f"aotdiff sample: error: --out {tmp_path / 'file' / 's.npz'}: "
+        f"'{tmp_path / 'file'}' is a file, not a folder",
+    }  # fmt: skip
+    before = sorted(tmp_path.rglob("*"))
+    for path, message in refusals.items():
+        assert main([*base, "--out", path]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing created
+    assert main([*base, "--out", str(tmp_path / "ok.npz"), "--grid", str(tmp_path / "grid")]) == 2
+    assert "--grid" in capsys.readouterr().err and not (tmp_path / "ok.npz").exists()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder this process cannot create files in: chmod 555, or for root (who ignores modes) sysfs's root."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _can_write(folder):
+        folder = Path("/sys")
+        if not folder.is_dir() or _can_write(folder):
+            pytest.skip("no read-only folder available to this user")
+    yield folder
+    (tmp_path / "ro").chmod(0o755)
+
+
+def _can_write(folder):
+    try:
+        (folder / "probe").write_text("x")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+@pytest.fixture
+def counted_calls(monkeypatch):
+    """Wrap every model the commands load in a denoiser that counts its own calls (per call: one batch)."""
+    from aotdiff.train import checkpoint
+
+    calls = []
+    real = checkpoint.load_model
+
+    def load(*args, **kwargs):
+        model = real(*args, **kwargs)
+        net = model.denoiser
+
+        def counting(x, sigma, labels=None):
+            calls.append(x.shape[0])
+            return net(x, sigma, labels)
+
+        model.denoiser = counting
+        return model
+
+    monkeypatch.setattr(checkpoint, "load_model", load)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sample", "{toy}", "--seeds", "0-3", "--out", "{ro}/s.npz"],
+     ["sample", "{toy}", "--seeds", "0-3", "--out", "{tmp}/s.npz", "--grid", "{ro}/sub/g.png"],
+     ["curvature", "{toy}", "--num", "4", "--out", "{ro}/c.json"],
+     ["fid", "calc", "{digits}", "--ref", "{tmp}/ref.npz", "--num", "4", "--out", "{ro}/f.json"],
+     ["fid", "ref", "--data", "digits", "--out", "{ro}/r.npz"]],
+    ids=["sample", "sample-grid", "curvature", "fid-calc", "fid-ref"],
+)  # fmt: skip
+def test_read_only_output_is_refused_before_any_sampling(
+    command, readonly_dir, counted_calls, digits_run, toy_run, tmp_path, capsys
+):
+    save_reference(tmp_path / "ref.npz", _stats(np.zeros(128), np.eye(128)))
+    names = {"digits": str(digits_run), "toy": str(toy_run), "tmp": str(tmp_path), "ro": str(readonly_dir)}
+    args = [a.format(**names) for a in command]
+    assert main([*args, "--steps", "2", "--device", "cpu"] if command[0] != "fid" or command[1] == "calc" else
+                [*args, "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write in '{readonly_dir}" in err and "choose another location" in err
+    assert counted_calls == []  # not one network evaluation was spent
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_absurd_seed_counts_are_refused_at_once(toy_run, digits_run, tmp_path, capsys):
+    save_reference(tmp_path / "ref.npz", _stats(np.zeros(128), np.eye(128)))
+    for args in (["sample", str(toy_run), "--seeds", "0-999999999999"],
+                 ["curvature", str(toy_run), "--seeds", "5,0-999999999999"],
+                 ["fid", "calc", str(digits_run), "--ref", str(tmp_path / "ref.npz"), "--seeds", "0-999999999999"]):  # fmt: skip
+        assert main([*args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "samples; one command makes at most 10,000,000" in err, err
+    assert main(["sample", str(toy_run), "--seeds", "9223372036854775808", "--device", "cpu"]) == 2
+    assert "is too large: seeds lie in 0..9223372036854775807" in capsys.readouterr().err
+    assert main(["curvature", str(toy_run), "--num", "100000000000", "--device", "cpu"]) == 2
+    assert "--num asks for 100,000,000,000 samples" in capsys.readouterr().err
+    assert main(["fid", "calc", str(digits_run), "--ref", str(tmp_path / "ref.npz"), "--num", "10000000000"]) == 2
+    assert "--num 10,000,000,000 is more samples than one command makes (10,000,000)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_truncated_weights_file_gets_a_one_line_error(raw, digits_run, tmp_path, capsys):
+    weights = tmp_path / "cut.safetensors"
+    newest = ckpt_io.list_checkpoints(digits_run)[-1]
+    data = (newest / ("model.safetensors" if raw else "ema.safetensors")).read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert main(["sample", str(weights), "--device", "cpu", *(["--raw"] if raw else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aotdiff sample: error: {weights}") and err.count("\n") == 1, err
+    assert "truncated" in err and not (tmp_path / "samples-heun18-rho7.npz").exists()
+
+
+# ------------------------------------------------------------------------------------------------ numbers up front
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rho", "nan"], "rho (--rho) must be a finite number > 0, got nan"),
+        (["--rho", "inf"], "rho (--rho) must be a finite number > 0, got inf"),
+        (["--rho", "0"], "rho (--rho) must be a finite number > 0, got 0.0"),
+        (["--sigma-min", "0"], "sigma_min (--sigma-min) must be a finite number > 0, got 0.0"),
+        (["--sigma-max", "nan"], "sigma_max (--sigma-max) must be a finite number > 0, got nan"),
+        (["--sigma-max", "inf"], "sigma_max (--sigma-max) must be a finite number > 0, got inf"),
+        (["--sigma-min", "2", "--sigma-max", "1"], "sigma_min (--sigma-min) must be below sigma_max (--sigma-max)"),
+        (["--churn", "nan"], "churn (--churn) must be a finite number >= 0, got nan"),
+        (["--churn", "-1"], "churn (--churn) must be a finite number >= 0, got -1.0"),
+        (["--s-noise", "inf"], "s_noise (--s-noise) must be a finite number >= 0, got inf"),
+        (["--s-min", "nan"], "s_min (--s-min) must be a finite number >= 0, got nan"),
+        (["--s-max", "nan"], "s_max (--s-max) must be a number > 0 (inf allowed), got nan"),
+        (["--s-max", "0"], "s_max (--s-max) must be a number > 0 (inf allowed), got 0.0"),
+        (["--steps", "0"], "steps (--steps) must be an integer >= 1, got 0"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--seeds", "5-3"], "seed range '5-3' is empty"),
+        (["--seeds", "1,x"], "cannot read seeds '1,x'"),
+        (["--class", "-1"], "--class must be a class index >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_bad_numbers_are_refused_before_the_model_is_loaded(flags, message, toy_run, monkeypatch, capsys):
+    from aotdiff.train import checkpoint
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_loading)
+    assert main(["sample", str(toy_run), *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aotdiff sample: error: {message}") and err.count("\n") == 1, err
+
+
+def test_rho_nan_exits_non_zero_before_sampling_from_the_shell(toy_run, tmp_path):
+    """The outside contract, as a user's shell sees it: non-zero exit, one line, no samples file."""
+    out = tmp_path / "s.npz"
+    proc = subprocess.run([sys.executable, "-m", "aotdiff", "sample", str(toy_run), "--rho", "nan", "--out", str(out),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--rho" in proc.stderr
+    assert not out.exists()
+
+
+def test_class_label_is_checked_against_the_model(toy_run, capsys, counted_calls):
+    assert main(["sample", str(toy_run), "--class", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "aotdiff sample: error: this model is unconditional: drop --class\n"
+    assert main(["curvature", str(toy_run), "--class", "1000000000000", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "aotdiff curvature: error: this model is unconditional: drop --class\n"
+    assert counted_calls == []
+
+
+# ------------------------------------------------------------------------------------------------ NFE as counted
+@pytest.mark.parametrize(
+    "flags",
+    [["--solver", "heun", "--steps", "1"], ["--solver", "heun", "--steps", "4"], ["--solver", "euler", "--steps", "3"],
+     ["--steps", "3", "--churn", "5", "--s-min", "0.01", "--s-max", "10", "--s-noise", "1.007"],
+     ["--solver", "euler", "--steps", "2", "--sigma-min", "0.05", "--sigma-max", "20"]],
+)  # fmt: skip
+@pytest.mark.parametrize("final_denoise", [False, True])
+def test_sample_records_the_network_evaluations_it_counted(flags, final_denoise, toy_run, tmp_path, monkeypatch,
+                                                           counted_calls, capsys):  # fmt: skip
+    """The meta's NFE is what the sampler counted: equal to the calls a counting denoiser saw, per batch, also for a
+    sampler that spends one more call than the step formula (a final denoising step)."""
+    import aotdiff.generate
+    from aotdiff.sampling import SampleResult, sample
+
+    if final_denoise:
+
+        def sample_and_denoise(denoiser, latents, sigmas, **kwargs):
+            result = sample(denoiser, latents, sigmas, **kwargs)
+            sigma = torch.full((latents.shape[0],), float(sigmas[-2]), dtype=torch.float64)
+            return SampleResult(denoiser(result.images, sigma, kwargs.get("labels")), result.nfe + 1)
+
+        monkeypatch.setattr(aotdiff.generate, "sample", sample_and_denoise)
+    out = tmp_path / "s.npz"
+    args = ["sample", str(toy_run), *flags, "--seeds", "0-4", "--max-batch", "3", "--out", str(out), "--device",
+            "cpu", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    with np.load(out) as f:
+        meta = json.loads(str(f["meta"]))
+    assert counted_calls.count(3) == counted_calls.count(2) == meta["nfe"] > 0  # batches of 3 and 2 seeds
+    assert len(counted_calls) == 2 * meta["nfe"]
+    assert f"({meta['nfe']} network evaluations each)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ plain install
+def test_commands_make_their_pictures_with_only_the_core_dependencies(toy_run, tmp_path, monkeypatch, capsys):
+    """`pip install -e .` without extras: every module an extra (not the dev tools) would add is made unimportable,
+    then `sample --grid` and `curvature` must still write their PNGs."""
+    import importlib.metadata
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    name = re.compile(r"^[A-Za-z0-9._-]+")
+    core = {name.match(r)[0].lower().replace("_", "-") for r in project["dependencies"]}
+    extras = {name.match(r)[0].lower().replace("_", "-") for group, reqs in project["optional-dependencies"].items()
+              if group != "dev" for r in reqs} - core  # fmt: skip
+    blocked = {module for module, dists in importlib.metadata.packages_distributions().items()
+               if {d.lower().replace("_", "-") for d in dists} & extras}  # fmt: skip
+    for module in list(sys.modules):
+        if module.split(".")[0] in blocked:
+            monkeypatch.setitem(sys.modules, module, None)
+    for module in blocked:
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+
+    grid, report = tmp_path / "g.png", tmp_path / "c.json"
+    assert main(["sample", str(toy_run), "--steps", "2", "--seeds", "0-7", "--out", str(tmp_path / "s.npz"), "--grid",
+                 str(grid), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert main(["curvature", str(toy_run), "--num", "2", "--steps", "3", "--truncation-steps", "2", "--out",
+                 str(report), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    for png in (grid, report.with_suffix(".png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert np.asarray(Image.open(png)).std() > 0  # a picture, not a blank canvas

@@ -1,5 +1,6 @@
 """Samplers against analytic solutions: convergence orders, exact NFE, per-seed determinism."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from aotdiff.diffusion import gaussian_denoiser, gaussian_ode_solution, mixture_denoiser
+from aotdiff.generate import SamplerSettings, generate, parse_seeds
 from aotdiff.sampling import SeedRNG, expected_nfe, karras_sigmas, latents_from_seeds, sample, sample_from_seeds
 
 STD = 0.5
@@ -170,3 +172,62 @@ def test_bad_inputs():
         sample(gaussian, torch.zeros(1, 2), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="rng has 3 seeds"):
         sample(gaussian, torch.zeros(2, 2), karras_sigmas(3), rng=SeedRNG([1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(rho=math.nan), dict(rho=math.inf), dict(rho=-1.0), dict(sigma_min=math.nan), dict(sigma_max=math.inf),
+     dict(sigma_min=0.0), dict(sigma_min=1.0, sigma_max=1.0), dict(churn=math.nan), dict(churn=-0.1),
+     dict(s_noise=math.inf), dict(s_min=math.nan), dict(s_max=math.nan), dict(s_max=0.0), dict(steps=0),
+     dict(steps=2.5), dict(steps=True), dict(solver="rk4")],
+)  # fmt: skip
+def test_sampler_settings_refuse_values_that_would_sample_garbage(bad):
+    """NaN passes `rho > 0`-style checks (it compares false both ways) and gave all-black images: refused up front,
+    also through dataclasses.replace, and the message names the flag."""
+    with pytest.raises(ValueError, match=r"\(--[a-z-]+\)"):
+        SamplerSettings(**bad)
+    with pytest.raises(ValueError):
+        dataclasses.replace(SamplerSettings(), **bad)
+
+
+def test_sampler_settings_accept_the_documented_ranges():
+    s = SamplerSettings(steps=1, rho=90.0, sigma_min=1e-3, sigma_max=1e3, churn=40.0, s_min=0.0, s_max=math.inf)
+    assert s.to_dict()["s_max"] is None and SamplerSettings(s_max=1.0, s_noise=0.0).s_max == 1.0
+    assert SamplerSettings(steps=np.int64(3)).sigmas().shape == (4,)  # numpy integers are integers
+
+
+@pytest.mark.parametrize("bad", [dict(rho=math.nan), dict(rho=math.inf), dict(sigma_max=math.inf),
+                                 dict(sigma_min=math.nan)])  # fmt: skip
+def test_library_sampler_refuses_non_finite_grids_and_churn(bad):
+    with pytest.raises(ValueError):
+        karras_sigmas(5, **bad)
+    with pytest.raises(ValueError, match="finite"):
+        sample(gaussian, torch.zeros(1, 2), torch.tensor([1.0, math.nan, 0.0]))
+    for key in ("churn", "s_noise", "s_min"):
+        with pytest.raises(ValueError, match=key):
+            sample(gaussian, torch.zeros(1, 2), karras_sigmas(3), **{key: math.nan})
+    with pytest.raises(ValueError, match="s_max"):
+        sample(gaussian, torch.zeros(1, 2), karras_sigmas(3), s_max=math.nan)
+
+
+def test_generate_refuses_a_class_label_before_the_first_batch():
+    calls = Counter()
+    with pytest.raises(ValueError, match="unconditional"):
+        next(generate(calls, [0, 1], (3,), class_label=0))
+    with pytest.raises(ValueError, match=r"--class must lie in \[0, 9\], got 1000000000000"):
+        next(generate(calls, [0, 1], (3,), num_classes=10, class_label=10**12))
+    assert calls.calls == 0
+
+
+def test_seeds_are_parsed_within_int64_and_a_sane_count():
+    assert parse_seeds("0-3,7, 9-10") == [0, 1, 2, 3, 7, 9, 10]
+    assert parse_seeds(str(2**63 - 1)) == [2**63 - 1]
+    with pytest.raises(ValueError, match="too large"):
+        parse_seeds(str(2**63))
+    with pytest.raises(ValueError, match="at most 10,000,000"):
+        parse_seeds("0-999999999999")  # refused before any list is built (this would need terabytes)
+    with pytest.raises(ValueError, match="at most 5"):
+        parse_seeds("0-2,3-5", limit=5)
+    for bad in ("1,²", "-3", "1-", "a-b", ""):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)

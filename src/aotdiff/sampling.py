@@ -44,7 +44,7 @@ class StepInfo:
     step: int
     num_steps: int
     stage: str
-    sigma: float
+    sigma: float | torch.Tensor  # a float64 tensor [B] when samples were churned individually (DG boosting)
     sigma_next: float
     x: torch.Tensor
     denoised: torch.Tensor
@@ -59,7 +59,10 @@ class SampleResult(NamedTuple):
     nfe: int
 
 
-Guidance = Callable[[torch.Tensor, float, torch.Tensor, "torch.Tensor | None", str], torch.Tensor]
+# guidance(x, sigma, denoised, labels, stage) -> denoised; sigma is a float64 tensor [B] (one level per sample: with
+# per-sample churn the levels differ). A guidance object may also define ``step_churn(step, num_steps)`` returning a
+# bool mask [B] of samples to re-noise at this step and the S_churn to use for them (DG's boosting), or None.
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", str], torch.Tensor]
 
 
 def karras_sigmas(
@@ -75,10 +78,11 @@ def karras_sigmas(
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
+    # Written so that NaN fails every test (NaN compares false): a NaN rho once passed `rho <= 0` and gave black images.
+    if not (0 < sigma_min <= sigma_max < math.inf):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not (0 < rho < math.inf):
+        raise ValueError(f"rho must be a finite number > 0, got {rho}")
     n = int(num_steps)
     i = torch.arange(n, dtype=torch.float64, device=device)
     frac = i / (n - 1) if n > 1 else torch.zeros_like(i)
@@ -117,6 +121,18 @@ class SeedRNG:
         """[len(seeds), *shape] standard normals; row k only depends on seed k and on how often it was drawn."""
         rows = [torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]
         return torch.stack(rows).to(device)
+
+    def randn_rows(
+        self, rows: torch.Tensor, shape: Sequence[int], *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Standard normals for the rows where ``rows`` (bool [len(seeds)]) is true, zeros elsewhere.
+
+        Only the selected seeds' generators advance, so what a sample draws never depends on the other samples of
+        its batch (per-sample churn stays reproducible per seed)."""
+        out = torch.zeros((len(self.generators), *shape), dtype=torch.float32)
+        for k in torch.nonzero(rows.cpu()).flatten().tolist():
+            out[k] = torch.randn(tuple(shape), generator=self.generators[k])
+        return out.to(device)
 
     def randint(self, high: int, *, device: torch.device | str | None = None) -> torch.Tensor:
         """One integer in [0, high) per seed (e.g. a class label), int64 [len(seeds)]."""
@@ -159,8 +175,10 @@ def sample(
             (one generator per seed), or from torch's global generator when ``rng`` is None.
         callback: called with a :class:`StepInfo` after every network evaluation (curvature, guidance, progress).
         guidance: optional ``guidance(x, sigma, denoised, labels, stage) -> denoised`` that adjusts the denoiser
-            output before the slope is formed (discriminator guidance plugs in here); it makes no network
-            evaluation of the score model, so it does not count towards NFE.
+            output before the slope is formed (discriminator guidance plugs in here; sigma is a float64 tensor
+            [B]); it makes no network evaluation of the score model, so it does not count towards NFE. If it has
+            ``step_churn(step, num_steps) -> (mask [B] bool, S_churn) | None``, the masked samples get that churn
+            at the step (noise from their own seed's generator when ``rng`` is given).
 
     Returns:
         ``SampleResult(images, nfe)``: float64 samples and the number of denoiser evaluations made.
@@ -169,8 +187,15 @@ def sample(
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels (e.g. karras_sigmas(N))")
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError("sigmas must be finite numbers (a NaN or inf level would make every sample NaN)")
     if bool((sigmas[1:] > sigmas[:-1]).any()) or bool((sigmas < 0).any()):
         raise ValueError("sigmas must be non-negative and non-increasing (from sigma_max down to 0)")
+    for name, value in (("churn", churn), ("s_min", s_min), ("s_noise", s_noise)):
+        if not (0 <= value < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not s_max > 0:  # inf is allowed (churn at every level); NaN is not
+        raise ValueError(f"s_max must be > 0, got {s_max}")
     if rng is not None and len(rng) != latents.shape[0]:
         raise ValueError(f"rng has {len(rng)} seeds but latents hold {latents.shape[0]} samples")
     levels = [float(s) for s in sigmas]
@@ -179,34 +204,51 @@ def sample(
     device = latents.device
     nfe = 0
 
-    def evaluate(x: torch.Tensor, sigma: float, stage: str) -> torch.Tensor:
+    def evaluate(x: torch.Tensor, sigma: float | torch.Tensor, stage: str) -> torch.Tensor:
         nonlocal nfe
-        sigma_batch = torch.full((batch,), sigma, dtype=torch.float64, device=device)
+        sigma_batch = torch.as_tensor(sigma, dtype=torch.float64, device=device).expand(batch).contiguous()
         denoised = denoiser(x, sigma_batch, labels).to(torch.float64)
         nfe += 1
         if guidance is not None:
-            denoised = guidance(x, sigma, denoised, labels, stage).to(torch.float64)
+            denoised = guidance(x, sigma_batch, denoised, labels, stage).to(torch.float64)
         return denoised
 
+    step_churn = getattr(guidance, "step_churn", None)
+    view = (batch,) + (1,) * (latents.ndim - 1)  # per-sample levels broadcast over the sample's dimensions
     x_next = latents.to(torch.float64) * levels[0]
     for i in range(num_steps):
         t_cur, t_next = levels[i], levels[i + 1]
         x_cur = x_next
         # Stochastic churn (EDM eq. 7 / Algorithm 2 lines 4-6): raise the noise level, then add matching fresh noise.
         gamma = min(churn / num_steps, math.sqrt(2.0) - 1.0) if churn > 0 and s_min <= t_cur <= s_max else 0.0
-        t_hat = t_cur + gamma * t_cur
-        if gamma > 0:
+        t_hat: float | torch.Tensor = t_cur + gamma * t_cur
+        boosted = step_churn(i, num_steps) if step_churn is not None else None
+        if boosted is not None and bool(boosted[0].any()) and t_cur > 0:
+            # Per-sample churn (DG's boosting): the selected samples are raised to their own, higher level.
+            mask, boost_churn = boosted
+            g_boost = min(boost_churn / num_steps, math.sqrt(2.0) - 1.0)
+            gammas = torch.where(mask.to(device), torch.full((batch,), max(gamma, g_boost), dtype=torch.float64,
+                                 device=device), torch.full((batch,), gamma, dtype=torch.float64, device=device))  # fmt: skip
+            t_hat = t_cur * (1 + gammas)
+            rows = gammas > 0
+            if rng is not None:
+                eps = rng.randn_rows(rows, x_cur.shape[1:], device=device)
+            else:
+                eps = torch.randn_like(x_cur) * rows.view(view)
+            x_hat = x_cur + torch.sqrt(t_hat**2 - t_cur**2).view(view) * s_noise * eps.to(torch.float64)
+        elif gamma > 0:
             eps = rng.randn(x_cur.shape[1:], device=device) if rng is not None else torch.randn_like(x_cur)
-            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * s_noise * eps.to(torch.float64)
+            x_hat = x_cur + math.sqrt(float(t_hat) ** 2 - t_cur**2) * s_noise * eps.to(torch.float64)
         else:
             x_hat = x_cur
-        if t_hat == 0:  # a degenerate grid whose last levels are all 0: nothing left to integrate
+        if isinstance(t_hat, float) and t_hat == 0:  # a degenerate grid whose last levels are all 0: nothing to do
             x_next = x_hat
             continue
+        t_hat_b = t_hat.view(view) if isinstance(t_hat, torch.Tensor) else t_hat
 
         denoised = evaluate(x_hat, t_hat, "euler")
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        d_cur = (x_hat - denoised) / t_hat_b
+        x_next = x_hat + (t_next - t_hat_b) * d_cur
         if callback is not None:
             callback(StepInfo(i, num_steps, "euler", t_hat, t_next, x_hat, denoised, d_cur, x_next))
 
@@ -215,7 +257,7 @@ def sample(
             x_euler = x_next
             denoised_next = evaluate(x_euler, t_next, "heun")
             d_next = (x_euler - denoised_next) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
+            x_next = x_hat + (t_next - t_hat_b) * (0.5 * d_cur + 0.5 * d_next)
             if callback is not None:
                 callback(StepInfo(i, num_steps, "heun", t_next, t_next, x_euler, denoised_next, d_next, x_next))
     return SampleResult(x_next, nfe)

@@ -46,17 +46,15 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str | Path, ncols: 
 def save_points_plot(
     points: torch.Tensor | np.ndarray, path: str | Path, *, title: str = "", reference: np.ndarray | None = None
 ) -> Path:
-    """Scatter plot of 2-D samples (matplotlib when installed; otherwise a PIL density image)."""
+    """Scatter plot of 2-D samples (matplotlib, a dependency: plots are part of what the commands deliver)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
     pts = points.cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _density_png(pts, path)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     if reference is not None:
         ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, color="gray", label="data")
@@ -70,12 +68,4 @@ def save_points_plot(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
-
-
-def _density_png(pts: np.ndarray, path: Path, size: int = 256) -> Path:
-    lim = max(float(np.abs(pts).max()), 1e-6) * 1.05
-    hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
-    img = (255 * (1 - np.clip(hist / max(hist.max(), 1), 0, 1) ** 0.5)).astype(np.uint8)[::-1]
-    Image.fromarray(img, "L").save(path)
     return path

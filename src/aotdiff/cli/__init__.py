@@ -13,7 +13,7 @@ import sys
 from aotdiff import __version__
 
 # Sub-command modules, in the order `aotdiff --help` lists them.
-COMMANDS = ("train", "sample", "fid", "curvature", "sweep", "bench")
+COMMANDS = ("train", "sample", "fid", "curvature", "sweep", "dg", "bench", "convert")
 
 
 class UserError(Exception):

@@ -6,6 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from aotdiff.cli.common import (
+    add_device_flag,
+    add_max_batch_flag,
+    add_renamed_flag,
+    add_steps_flag,
+    check_positive,
+)
 from aotdiff.train.config import PRESETS, preset_config
 
 
@@ -15,32 +22,57 @@ def register(sub: Any) -> None:
         help="measure training / sampling speed of a preset (synthetic data)",
         description="Speed of a preset on this machine, with synthetic data of the preset's shape (no dataset "
         "needed). For the AOT coupling's cost see benchmarks/coupling.py.",
-        epilog="Example: aotdiff bench train --preset edm-cifar10-uncond --batch 512 --precision tf32",
+        epilog="Examples:\n  aotdiff bench train --preset edm-cifar10-uncond --batch 512 --precision tf32\n"
+        "  aotdiff bench sample --preset edm-cifar10-uncond --steps 18 --max-batch 256",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", choices=("train", "sample"), help="what to time")
+    bsub = p.add_subparsers(dest="bench_command", metavar="{train,sample}", required=True)
+
+    t = bsub.add_parser("train", help="img/s of full optimizer steps", description="Images per second of full "
+                        "optimizer steps (forward, backward, Adam) at the preset's training batch.")  # fmt: skip
+    _add_preset_flag(t)
+    t.add_argument("--batch", type=int, default=None, help="training batch: images per optimizer step, as in "
+                   "`aotdiff train` (default: the preset's)")  # fmt: skip
+    t.add_argument("--batch-gpu", type=int, default=None, help="images per pass (accumulation); default = batch")
+    t.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None, help="default: the preset's")
+    t.add_argument("--compile", action="store_true", help="torch.compile the network")
+    t.add_argument("--iters", type=int, default=10, help="timed optimizer steps, after 3 warm-up steps (default: 10)")
+    add_renamed_flag(t, "--steps", "--iters N (timed optimizer steps)", "--steps means sampler steps")
+    add_device_flag(t)
+    t.add_argument("--json", action="store_true", help="print JSON instead of a table row")
+    t.set_defaults(run=run)
+
+    s = bsub.add_parser("sample", help="img/s of Heun sampling", description="Images per second of Heun sampling "
+                        "(2N-1 network evaluations per image) with an untrained network of the preset.")  # fmt: skip
+    _add_preset_flag(s)
+    add_steps_flag(s)
+    add_max_batch_flag(s, default=64)
+    add_device_flag(s)
+    s.add_argument("--json", action="store_true", help="print JSON (the default and only format for sample)")
+    s.set_defaults(run=run)
+
+
+def _add_preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="digits", choices=list(PRESETS), help="preset (default: digits)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: the preset's batch)")
-    p.add_argument("--batch-gpu", type=int, default=None, help="images per pass (accumulation); default = batch")
-    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None, help="default: the preset's")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps (default: 10)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table row")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from aotdiff.bench import TABLE_HEADER, as_dict, sample_speed, train_speed
     from aotdiff.train.distributed import pick_device
 
-    overrides = dict(batch=args.batch, batch_gpu=args.batch_gpu, precision=args.precision, compile=args.compile or None)
-    cfg = preset_config(
-        args.preset, **overrides, **({"data": "synthetic"} if not PRESETS[args.preset].get("data") else {})
-    )
-    device = pick_device(args.device)
-    if args.what == "train":
-        r = train_speed(cfg, device, steps=args.steps)
+    synthetic = {"data": "synthetic"} if not PRESETS[args.preset].get("data") else {}
+    if args.bench_command == "train":
+        check_positive(args.iters, "--iters")
+        overrides = dict(batch=args.batch, batch_gpu=args.batch_gpu, precision=args.precision,
+                         compile=args.compile or None)  # fmt: skip
+        cfg = preset_config(args.preset, **overrides, **synthetic)
+        device = pick_device(args.device)
+        r = train_speed(cfg, device, steps=args.iters)
         print(json.dumps(as_dict(r)) if args.json else f"{TABLE_HEADER}\n{r.row()}")
     else:
-        print(json.dumps(sample_speed(cfg, device, batch=args.batch or 64)))
+        check_positive(args.steps, "--steps")
+        check_positive(args.max_batch, "--max-batch")
+        cfg = preset_config(args.preset, **synthetic)
+        device = pick_device(args.device)
+        print(json.dumps(sample_speed(cfg, device, batch=args.max_batch, num_steps=args.steps)))
     return 0

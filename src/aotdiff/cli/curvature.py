@@ -1,22 +1,40 @@
 """`aotdiff curvature`: how straight a run's sampling trajectories are, and the truncation error of coarse samplers.
 
 A thin wrapper over :func:`aotdiff.metrics.curvature_report` (definitions in docs/metrics.md): it writes the report as
-JSON, prints a short summary, and plots the curvature profile over sigma as a PNG next to the JSON.
+JSON, prints a short summary, and plots the curvature profile over sigma as a PNG next to the JSON. With ``--dg`` it
+measures the ODE guided by a discriminator (Discriminator Guidance, without boosting: boosting adds churn, and churned
+trajectories are not ODE solutions).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from aotdiff.cli import UserError
-from aotdiff.generate import parse_seeds
-from aotdiff.sweep import PlotsUnavailableError, parse_int_list, plot_curvature_vs_sigma
+from aotdiff.cli.common import (
+    add_class_flag,
+    add_device_flag,
+    add_dg_flags,
+    add_max_batch_flag,
+    add_progress_flag,
+    add_raw_flag,
+    add_sigma_range_flags,
+    check_class_index,
+    check_dg_flags,
+    check_model_path,
+    check_output_file,
+    check_positive,
+    guidance_from_args,
+    guidance_meta,
+    progress_bar,
+    write_atomic,
+)
+from aotdiff.generate import SamplerSettings, check_class_label, check_count, parse_seeds
+from aotdiff.report import plot_curvature_vs_sigma
+from aotdiff.sweep import parse_int_list
 
 
 def register(sub: Any) -> None:
@@ -25,13 +43,17 @@ def register(sub: Any) -> None:
         help="trajectory curvature and truncation error of a run",
         description="Solve the probability-flow ODE on a fine Heun grid from fixed seeds and measure how far the "
         "trajectories bend away from their chords (pooled curvature, median, 1 - cos, profile over sigma), and how "
-        "far N-step samplers land from the fine solution (truncation error). Definitions: docs/metrics.md.",
+        "far N-step samplers land from the fine solution (truncation error). Definitions: docs/metrics.md. With --dg, "
+        "both are those of the ODE guided by the discriminator (no boosting).",
         epilog="Example: aotdiff curvature runs/toy --num 1000 --truncation-steps 3,5,9,18 --out curv.json",
     )
-    p.add_argument("model", type=Path, help="run directory (newest checkpoint), checkpoint folder or .safetensors")
+    p.add_argument(
+        "model", type=Path, help="run directory (newest checkpoint), checkpoint folder, .safetensors or EDM .pkl"
+    )
     p.add_argument("--num", type=int, default=256, help="trajectories (seeds 0..num-1; default: 256)")
     p.add_argument("--seeds", default=None, help="explicit seeds instead of --num, e.g. 100-355")
-    p.add_argument("--steps", type=int, default=256, help="Heun steps of the fine reference grid (default: 256)")
+    p.add_argument("--steps", "--fine-steps", dest="steps", type=int, default=256, metavar="N", help="sampler steps N "
+                   "of the fine reference grid: Heun, 2N-1 network evaluations per trajectory (default: 256)")  # fmt: skip
     p.add_argument("--rho", type=float, default=7.0, help="schedule exponent of the fine grid (default: 7)")
     p.add_argument("--truncation-steps", default="3,5,9,18", help="step counts N of the coarse samplers compared "
                    "with the fine solution (default: 3,5,9,18)")  # fmt: skip
@@ -40,15 +62,23 @@ def register(sub: Any) -> None:
         "--truncation-solver", choices=("heun", "euler"), default="heun", help="their solver (default: heun)"
     )
     p.add_argument("--bands", type=int, default=8, help="log-spaced sigma bands of the profile (default: 8)")
-    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (default: 0.002)")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level (default: 80)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: random/seed)")
-    p.add_argument("--batch", type=int, default=256, help="trajectories solved at once (default: 256)")
+    add_sigma_range_flags(p)
+    add_class_flag(p)
+    add_max_batch_flag(p)
     p.add_argument("--out", type=Path, default=None, help="report .json; the plot goes next to it as .png "
                    "(default: MODEL/curvature-rho<R>-n<N>.json)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    add_device_flag(p)
+    add_progress_flag(p)
+    add_raw_flag(p)
+    add_dg_flags(p)
+    # Same flag as elsewhere, so a script that passes it gets a clear refusal rather than argparse's usage dump.
+    for action in p._actions:
+        if "--dg-boost" in action.option_strings:
+            action.help = f"refused here: {BOOST_REFUSED}"
     p.set_defaults(run=run)
+
+
+BOOST_REFUSED = "boosting adds churn, so the trajectories would be stochastic, not the ODE whose curvature is measured"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -67,43 +97,60 @@ def run(args: argparse.Namespace) -> int:
     from aotdiff.train.checkpoint import load_model
     from aotdiff.train.distributed import pick_device
 
+    # Every number is checked before the model is loaded: the fine grid and each coarse grid are sampler settings.
     truncation = parse_int_list(args.truncation_steps, "--truncation-steps")
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     else:
-        if args.num < 1:
-            raise ValueError(f"--num must be positive, got {args.num}")
+        check_count(args.num, "--num")
         seeds = list(range(args.num))
     if args.steps < 2:
         raise ValueError(f"--steps (the fine grid) must be at least 2, got {args.steps}")
+    SamplerSettings(steps=args.steps, rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+    t_rho = args.rho if args.truncation_rho is None else args.truncation_rho
+    for n in truncation:
+        SamplerSettings(steps=n, rho=t_rho, solver=args.truncation_solver, sigma_min=args.sigma_min,
+                        sigma_max=args.sigma_max)  # fmt: skip
+    check_positive(args.bands, "--bands")
+    check_positive(args.max_batch, "--max-batch")
+    check_class_index(args.class_label)
+    check_dg_flags(args)
+    if args.dg_boost:
+        raise UserError(f"--dg-boost is not available in `aotdiff curvature`: {BOOST_REFUSED}; drop it")
+    args.dg_boost = False  # the guidance default turns it on for conditional models: never here
     device = pick_device(args.device)
+    check_model_path(args.model)
+    out = args.out
+    if out is None:
+        base = args.model if args.model.is_dir() else args.model.parent
+        out = base / f"curvature-rho{args.rho:g}-n{len(seeds)}.json"
+    check_output_file(out, ".json")  # the plot goes to the same folder
     model = load_model(args.model, ema=not args.raw, device=device)
-    bar = tqdm(total=len(seeds), unit="traj", desc="curvature", dynamic_ncols=True)
+    check_class_label(args.class_label, model.num_classes)
+    guidance = guidance_from_args(args, model.num_classes, device)
+    bar = progress_bar(args, len(seeds), "traj", "curvature")
     report = curvature_report(
         model.denoiser, model.shape, seeds, num_classes=model.num_classes, class_label=args.class_label,
         fine_steps=args.steps, rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         truncation_steps=truncation, truncation_rho=args.truncation_rho, truncation_solver=args.truncation_solver,
-        num_bands=args.bands, batch_size=args.batch, device=device, progress=bar.update,
+        num_bands=args.bands, batch_size=args.max_batch, device=device, progress=bar.update, guidance=guidance,
     )  # fmt: skip
     bar.close()
     report["model"] = {
         "path": str(args.model), "weights": str(model.source), "nimg": model.nimg, "ema": not args.raw,
         "data": model.config.get("data"), "coupling": model.config.get("coupling"),
     }  # fmt: skip
-    out = args.out
-    if out is None:
-        base = args.model if args.model.is_dir() else args.model.parent
-        out = base / f"curvature-rho{args.rho:g}-n{len(seeds)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    report["guidance"] = guidance_meta(guidance, args)  # None: the unguided ODE
+    if guidance is not None:  # every solve of the report together (fine grid and coarse grids), per trajectory
+        report["discriminator_evals"] = guidance.evaluations // -(-len(seeds) // args.max_batch)
+    write_atomic(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     print(summary(report))
+    if guidance is not None:
+        print(f"guided by {args.dg} (weight {guidance.weight:g}, weight2 {guidance.weight2:g}, no boosting): "
+              f"{report['discriminator_evals']} discriminator gradients per trajectory")  # fmt: skip
     print(f"wrote {out}")
     plot = out.with_suffix(".png")
-    try:
-        plot_curvature_vs_sigma({args.model.name or str(args.model): report}, plot,
-                                title=f"Curvature against sigma: {args.model}")  # fmt: skip
-    except PlotsUnavailableError as e:
-        print(f"(the report was written to {out})", file=sys.stderr)
-        raise UserError(str(e)) from e
+    plot_curvature_vs_sigma({args.model.name or str(args.model): report}, plot,
+                            title=f"Curvature against sigma: {args.model}")  # fmt: skip
     print(f"wrote {plot}")
     return 0

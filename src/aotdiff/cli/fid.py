@@ -20,14 +20,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from aotdiff import __version__
-from aotdiff.cli.sample import add_sampler_flags, settings_from_args
-from aotdiff.generate import SamplerSettings, parse_seeds
+from aotdiff.cli.common import (
+    add_class_flag,
+    add_device_flag,
+    add_dg_flags,
+    add_max_batch_flag,
+    add_progress_flag,
+    add_raw_flag,
+    add_sampler_flags,
+    check_class_index,
+    check_dg_flags,
+    check_output_file,
+    check_positive,
+    guidance_from_args,
+    guidance_meta,
+    progress_bar,
+    settings_from_args,
+    write_atomic,
+)
+from aotdiff.generate import MAX_SEEDS, SamplerSettings, check_class_label, parse_seeds
 from aotdiff.metrics import Detector, ReferenceStats, compute_stats, fid_from_stats, format_seeds, save_reference
-from aotdiff.sampling import expected_nfe
-from aotdiff.sweep import DIGITS_SPECS, digits_input_size
+from aotdiff.metrics.quality import DIGITS_SPECS, digits_input_size
 
 FULL_PROTOCOL = 50_000  # samples in the published FID protocol (EDM, AOT)
 
@@ -52,10 +67,11 @@ def register(sub: Any) -> None:
                         "of the detector (name, SHA-256) and image count.")  # fmt: skip
     r.add_argument("--data", required=True, help="dataset: 'digits', 'digits16', an image folder / .zip, "
                    "cifar-10-python.tar.gz or a .npz (images N x H x W x C uint8)")  # fmt: skip
-    r.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, meta)")
+    r.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, meta), written exactly as named")
     _add_detector_flags(r)
-    r.add_argument("--batch", type=int, default=250, help="images per detector batch (default: 250)")
-    r.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
+    add_max_batch_flag(r)
+    add_device_flag(r)
+    add_progress_flag(r)
     r.set_defaults(run=run_ref)
 
     c = fsub.add_parser(
@@ -73,13 +89,15 @@ def register(sub: Any) -> None:
     c.add_argument("--num", type=int, default=None, help=f"number of samples (default: {FULL_PROTOCOL:,}; giving "
                    "--num explicitly allows fewer)")  # fmt: skip
     add_sampler_flags(c)
+    add_dg_flags(c)
     c.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 (default: 0 .. num-1)")
-    c.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: random/seed)")
-    c.add_argument("--batch", type=int, default=250, help="images per sampler / detector batch (default: 250)")
+    add_class_flag(c)
+    add_max_batch_flag(c)
     _add_detector_flags(c)
     c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source)")
-    c.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
-    c.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    add_device_flag(c)
+    add_progress_flag(c)
+    add_raw_flag(c)
     c.set_defaults(run=run_calc)
 
 
@@ -134,16 +152,18 @@ def run_ref(args: argparse.Namespace) -> int:
     from aotdiff.data import ImageDataset, load_dataset
     from aotdiff.train.distributed import pick_device
 
+    check_positive(args.max_batch, "--max-batch")
+    device = pick_device(args.device)
+    check_output_file(args.out, ".npz")  # before reading the dataset: a typo should not cost a pass over it
     data = load_dataset(args.data)
     if not isinstance(data, ImageDataset):
         raise ValueError(f"--data {args.data} holds 2-D points, not images; toy runs are scored with W2 "
                          "(aotdiff sweep RUN --metric w2)")  # fmt: skip
-    _check_batch(args.batch)
-    device = pick_device(args.device)
     namespace = argparse.Namespace(proxy=args.proxy, detector=args.detector)
     detector = choose_detector(namespace, data.shape, args.data, {}, device)
-    bar = tqdm(total=len(data), unit="img", desc=f"{detector.metric} reference", dynamic_ncols=True)
-    batches = (torch.from_numpy(data.images[i : i + args.batch]) for i in range(0, len(data), args.batch))
+    bar = progress_bar(args, len(data), "img", f"{detector.metric} reference")
+    step = args.max_batch
+    batches = (torch.from_numpy(data.images[i : i + step]) for i in range(0, len(data), step))
     stats = compute_stats(batches, detector, progress=bar.update)
     bar.close()
     meta = {"data": str(args.data), "detector": detector.describe(), "aotdiff": __version__}
@@ -168,7 +188,7 @@ class SampleSource:
 
 
 def _is_model_path(path: Path) -> bool:
-    if path.suffix == ".safetensors":
+    if path.suffix in (".safetensors", ".pkl"):  # aotdiff weights, or an EDM-format network pickle (read safely)
         return True
     return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "ema.safetensors").is_file())
 
@@ -199,11 +219,6 @@ def open_source(path: Path, *, ema: bool, device: torch.device) -> SampleSource:
     raise ValueError(f"'{path}' is neither a run, a .npz of samples nor an image folder / .zip")
 
 
-def _check_batch(batch: int) -> None:
-    if batch < 1:
-        raise ValueError(f"--batch must be positive, got {batch}")
-
-
 def resolve_count(args: argparse.Namespace, source: SampleSource) -> tuple[int, list[int] | None]:
     """(number of samples, seeds for a model); refuses fewer than 50,000 unless --num was given explicitly."""
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -226,12 +241,22 @@ def resolve_count(args: argparse.Namespace, source: SampleSource) -> tuple[int, 
         count = args.num
         if count < 2:
             raise ValueError(f"--num must be at least 2 (a covariance needs two samples), got {count}")
+        if count > MAX_SEEDS:
+            raise ValueError(f"--num {count:,} is more samples than one command makes ({MAX_SEEDS:,})")
         if available is not None and count > available:
             what = f"--seeds {args.seeds} gives" if source.kind == "model" else f"'{source.path}' holds"
             raise ValueError(f"--num {count} asks for more samples than {what} ({available}); lower --num")
     if source.kind == "model":
         seeds = seeds[:count] if seeds is not None else list(range(count))
     return count, seeds
+
+
+def _counting(batches: Iterator[Any], counted: list[int], dg_counted: list[int]) -> Iterator[Any]:
+    """Pass generator batches through, noting the network evaluations (and discriminator gradients) each counted."""
+    for b in batches:
+        counted.append(b.nfe)
+        dg_counted.append(b.guidance_evals)
+        yield b
 
 
 def _stored_batches(images: np.ndarray, count: int, batch: int) -> Iterator[torch.Tensor]:
@@ -255,33 +280,53 @@ def run_calc(args: argparse.Namespace) -> int:
     from aotdiff.metrics import load_reference
     from aotdiff.train.distributed import pick_device
 
-    _check_batch(args.batch)
+    # Every number the user typed is checked before any file is read (the sampler settings apply to a model source).
+    check_positive(args.max_batch, "--max-batch")
+    given_settings = settings_from_args(args)
+    check_class_index(args.class_label)
+    check_dg_flags(args)
+    if args.out is not None:
+        check_output_file(args.out, ".json")
     reference = load_reference(args.ref)  # first: a wrong path should not cost a model load
     device = pick_device(args.device)
     source = open_source(args.source, ema=not args.raw, device=device)
     count, seeds = resolve_count(args, source)
+    settings = given_settings if source.kind == "model" else None
+    guidance = None
+    if source.kind == "model":
+        check_class_label(args.class_label, source.model.num_classes)
+        guidance = guidance_from_args(args, source.model.num_classes, device)
+    elif args.dg is not None:
+        raise ValueError("--dg guides a sampler: give a model, not stored samples")
     detector = choose_detector(args, source.shape, source.data, reference.meta, device)
     check_reference(reference, detector, args.ref)
+    # The default output name needs the detector; it is still checked before the (long) sampling starts.
+    out = args.out or check_output_file(default_out(source, detector.metric, settings, count), ".json")
 
-    settings = settings_from_args(args) if source.kind == "model" else None
-    bar = tqdm(total=count, unit="img", desc=detector.metric, dynamic_ncols=True)
+    bar = progress_bar(args, count, "img", detector.metric)
     start = time.perf_counter()
+    counted: list[int] = []  # network evaluations per sample, as the sampler counted them
+    dg_counted: list[int] = []  # discriminator gradients per sample (Discriminator Guidance)
     if source.kind == "model":
         assert seeds is not None and settings is not None
-        model = source.model
-        batches: Any = generate(
-            model.denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
-            class_label=args.class_label, batch_size=args.batch, device=device,
+        batches: Any = _counting(
+            generate(
+                source.model.denoiser, seeds, source.model.shape, settings=settings,
+                num_classes=source.model.num_classes, class_label=args.class_label, batch_size=args.max_batch,
+                device=device, guidance=guidance,
+            ),
+            counted,
+            dg_counted,
         )  # fmt: skip
     else:
         assert source.images is not None
-        batches = _stored_batches(source.images, count, args.batch)
+        batches = _stored_batches(source.images, count, args.max_batch)
     stats = compute_stats(batches, detector, max_items=count, progress=bar.update)
     bar.close()
     elapsed = time.perf_counter() - start
     value = fid_from_stats(stats, reference)
 
-    nfe = expected_nfe(settings.steps, settings.solver) if settings is not None else None
+    nfe = max(counted) if counted else None
     result = {
         "metric": detector.metric,
         "value": value,
@@ -291,6 +336,8 @@ def run_calc(args: argparse.Namespace) -> int:
         "source": {"kind": source.kind, "path": str(args.source), **source.info},
         "sampler": settings.to_dict() if settings is not None else None,
         "nfe": nfe,
+        "guidance": guidance_meta(guidance, args),
+        "discriminator_evals": max(dg_counted) if dg_counted else 0,
         "seeds": format_seeds(seeds) if seeds is not None else None,
         "class": args.class_label,
         "time_s": round(elapsed, 3),
@@ -298,9 +345,7 @@ def run_calc(args: argparse.Namespace) -> int:
         "aotdiff": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = args.out or default_out(source, detector.metric, settings, stats.count)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
 
     how = (
         f"sampler {settings.solver} {settings.steps} steps, rho {settings.rho:g}, {nfe} NFE, seeds {result['seeds']}"

@@ -9,49 +9,58 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from aotdiff.generate import SamplerSettings, generate, parse_seeds
-from aotdiff.sampling import expected_nfe
-
-
-def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """Sampler flags shared by sample / fid / sweep."""
-    p.add_argument("--steps", type=int, default=18, help="sampler steps N; Heun makes 2N-1 evaluations (default: 18)")
-    p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent (EDM 7; AOT paper 90 / 72)")
-    p.add_argument("--solver", choices=("heun", "euler"), default="heun", help="ODE solver (default: heun)")
-    p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn; 0 = deterministic ODE (default: 0)")
-    p.add_argument("--s-min", type=float, default=0.0, help="churn only for sigma >= this (default: 0)")
-    p.add_argument("--s-max", type=float, default=float("inf"), help="churn only for sigma <= this (default: inf)")
-    p.add_argument("--s-noise", type=float, default=1.0, help="EDM S_noise (default: 1)")
-    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (default: 0.002)")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level (default: 80)")
-
-
-def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
-    return SamplerSettings(
-        steps=args.steps, rho=args.rho, solver=args.solver, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
-    )  # fmt: skip
+from aotdiff.cli.common import (
+    add_class_flag,
+    add_device_flag,
+    add_dg_flags,
+    add_max_batch_flag,
+    add_progress_flag,
+    add_raw_flag,
+    add_sampler_flags,
+    check_class_index,
+    check_dg_flags,
+    check_model_path,
+    check_output_file,
+    check_positive,
+    guidance_from_args,
+    guidance_meta,
+    progress_bar,
+    settings_from_args,
+    write_atomic,
+)
+from aotdiff.generate import SamplerSettings, check_class_label, generate, parse_seeds
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "sample",
         help="generate samples from a trained run",
-        description="Generate samples: one random generator per seed, so image k is the same whatever the batch.",
+        description="Generate samples: one random generator per seed, so image k is the same whatever --max-batch. "
+        "Writes a .npz (images N x H x W x C uint8, or points N x D for 2-D runs; seeds; labels; meta: the sampler "
+        "settings and the network evaluations counted per sample) and, with --grid, a PNG.",
         epilog="Example: aotdiff sample runs/digits --steps 14 --rho 90 --seeds 0-63 --out s.npz --grid s.png",
     )
-    p.add_argument("model", type=Path, help="run directory (newest checkpoint), checkpoint folder or .safetensors")
+    p.add_argument(
+        "model", type=Path, help="run directory (newest checkpoint), checkpoint folder, .safetensors or EDM .pkl"
+    )
     add_sampler_flags(p)
-    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9-11 (default: 0-63)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: random/seed)")
-    p.add_argument("--out", type=Path, default=None, help="samples .npz (default: MODEL/samples-<settings>.npz)")
-    p.add_argument("--grid", type=Path, default=None, help="also save a PNG grid (scatter plot for 2-D data)")
-    p.add_argument("--batch", type=int, default=256, help="images per sampler batch (default: 256)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9-11: one sample per seed (default: 0-63)")
+    add_class_flag(p)
+    p.add_argument("--out", type=Path, default=None, help="samples file, written exactly as named; must end in .npz "
+                   "(default: MODEL/samples-<solver><steps>-rho<rho>.npz)")  # fmt: skip
+    p.add_argument("--grid", type=Path, default=None, help="also save a .png grid (a scatter plot for 2-D data)")
+    add_max_batch_flag(p)
+    add_device_flag(p)
+    add_progress_flag(p)
+    add_raw_flag(p)
+    add_dg_flags(p)
     p.set_defaults(run=run)
+
+
+def default_out(model: Path, settings: SamplerSettings) -> Path:
+    base = model if model.is_dir() else model.parent
+    return base / f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,30 +68,44 @@ def run(args: argparse.Namespace) -> int:
     from aotdiff.train.distributed import pick_device
     from aotdiff.viz import save_image_grid, save_points_plot
 
-    device = pick_device(args.device)
-    model = load_model(args.model, ema=not args.raw, device=device)
-    seeds = parse_seeds(args.seeds)
+    # Everything the user typed is checked before the model is loaded, let alone sampled.
     settings = settings_from_args(args)
-    out = args.out
-    if out is None:
-        base = args.model if args.model.is_dir() else args.model.parent
-        out = base / f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"
+    check_positive(args.max_batch, "--max-batch")
+    seeds = parse_seeds(args.seeds)
+    check_class_index(args.class_label)
+    check_dg_flags(args)
+    device = pick_device(args.device)
+    check_model_path(args.model)
+    out = check_output_file(args.out if args.out is not None else default_out(args.model, settings), ".npz")
+    if args.grid is not None:
+        check_output_file(args.grid, ".png", "--grid")
+
+    model = load_model(args.model, ema=not args.raw, device=device)
+    check_class_label(args.class_label, model.num_classes)
+    guidance = guidance_from_args(args, model.num_classes, device)
     images, raws, labels, seeds_done = [], [], [], []
-    bar = tqdm(total=len(seeds), unit="img", desc="sampling", dynamic_ncols=True)
+    nfe: int | None = None
+    dg_evals = 0
+    bar = progress_bar(args, len(seeds), "img", "sampling")
     for b in generate(
         model.denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
-        class_label=args.class_label, batch_size=args.batch, device=device, progress=bar.update,
+        class_label=args.class_label, batch_size=args.max_batch, device=device, progress=bar.update,
+        guidance=guidance,
     ):  # fmt: skip
         images.append(b.images)
         raws.append(b.raw)
         seeds_done.append(b.seeds)
         if b.labels is not None:
             labels.append(b.labels)
+        # The evaluations the sampler counted (per sample: one network call serves the whole batch), not a formula.
+        nfe = b.nfe if nfe is None else max(nfe, b.nfe)
+        dg_evals = max(dg_evals, b.guidance_evals)
     bar.close()
     is_image = len(model.shape) == 3
     meta = {
-        "model": str(model.source), "nimg": model.nimg, "nfe": expected_nfe(settings.steps, settings.solver)
-        if settings.sigmas()[-2] > 0 else None, "sampler": settings.to_dict(), "class": args.class_label,
+        "model": str(model.source), "nimg": model.nimg, "nfe": nfe, "sampler": settings.to_dict(),
+        "class": args.class_label, "guidance": guidance_meta(guidance, args),
+        "discriminator_evals": dg_evals,  # discriminator gradients per sample, beside the score network's NFE
     }  # fmt: skip
     arrays: dict[str, np.ndarray] = {
         "seeds": torch.cat(seeds_done).numpy().astype(np.int64),
@@ -93,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
         arrays["images"] = torch.cat(images).permute(0, 2, 3, 1).numpy()  # N x H x W x C uint8
     else:
         arrays["points"] = torch.cat(raws).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)  # type: ignore[arg-type]
-    print(f"wrote {len(seeds)} samples ({meta['nfe']} network evaluations each) to {out}")
+    # Through an open file: np.savez given a name appends ".npz" to one that lacks it, and the user must find the
+    # file under exactly the name they gave (and never a half-written one: write_atomic renames at the end).
+    write_atomic(out, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+    guided = f" + {dg_evals} discriminator gradients" if guidance is not None else ""
+    print(f"wrote {len(seeds)} samples ({nfe} network evaluations{guided} each) to {out}")
     if args.grid is not None:
         if is_image:
             save_image_grid(torch.cat(images), args.grid)

@@ -1,38 +1,47 @@
-"""`aotdiff sweep`: sample quality against NFE for several runs, steps and rho values, plus each run's curvature.
+"""`aotdiff sweep`: sample quality against NFE for several runs, steps and rho values (and Discriminator Guidance
+weights, with --dg), plus each run's curvature.
 
 Writes DIR/table.csv (one line per cell), DIR/table.md (quality per NFE, curvature per run), DIR/sweep.json
-(everything, including the full curvature reports) and two plots: DIR/quality_vs_nfe.png and
-DIR/curvature_vs_sigma.png.
+(everything, including the full curvature reports and the shared sampler settings) and two plots:
+DIR/quality_vs_nfe.png and DIR/curvature_vs_sigma.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from aotdiff.cli import UserError
+from aotdiff.cli.common import (
+    add_class_flag,
+    add_device_flag,
+    add_dg_flags,
+    add_max_batch_flag,
+    add_progress_flag,
+    add_raw_flag,
+    add_sampler_flags,
+    check_dg_flags,
+    check_positive,
+    check_writable_folder,
+    guidance_from_args,
+    guidance_meta,
+    progress_bar,
+)
+from aotdiff.generate import SamplerSettings, check_class_label, check_count, parse_seeds
+from aotdiff.metrics.quality import DEFAULT_NUM, METRICS, default_metric, make_quality
+from aotdiff.report import plot_curvature_vs_sigma, plot_quality_vs_nfe, write_csv, write_markdown
 from aotdiff.sweep import (
-    DEFAULT_NUM,
-    METRICS,
     CurvatureSettings,
-    PlotsUnavailableError,
     SweepRun,
-    default_metric,
-    make_quality,
     parse_float_list,
     parse_int_list,
-    plot_curvature_vs_sigma,
-    plot_quality_vs_nfe,
+    parse_weight_list,
     run_label,
     run_sweep,
     sweep_cost,
-    write_csv,
-    write_markdown,
 )
 
 SOLVERS = ("heun", "euler")
@@ -42,34 +51,52 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "sweep",
         help="quality vs NFE over steps x rho for several runs, and their curvature",
-        description="For every run x solver x rho x steps: generate --num samples from seeds 0..num-1 and score them "
-        "(FD-digits for the built-in digits, FID with --ref and an Inception detector, or for 2-D toy runs the "
-        "sliced W2 distance to a fresh exact sample of the true distribution); once per run, the trajectory "
-        "curvature on a fine Heun grid. Tables and plots go to --out.",
+        description="For every run x solver x rho x steps: generate samples from the same seeds (--seeds, or 0..N-1 "
+        "with --num N) and score them (FD-digits for the built-in digits, FID with --ref and an Inception detector, "
+        "or for 2-D toy runs the sliced W2 distance to a fresh exact sample of the true distribution); once per run, "
+        "the trajectory curvature on a fine Heun grid. NFE in the tables is counted, not computed from a formula. "
+        "With --dg, every cell is also sampled at each --dg-weight (0 = unguided) with the same discriminator for "
+        "every run, and the discriminator gradients per sample are counted beside the NFE; the curvature stays that "
+        "of the unguided ODE. Tables and plots go to --out.",
         epilog="Example: aotdiff sweep runs/aot runs/independent --steps 3,5,8,14,18 --rho 7,72,90 --out sweep/",
     )
     p.add_argument("models", type=Path, nargs="+", help="run directories, checkpoint folders or .safetensors files")
-    p.add_argument("--steps", default="3,5,8,14,18", help="sampler step counts (default: 3,5,8,14,18)")
+    # --steps / --rho / --solver take lists here (one cell per value); the other sampler flags are the shared ones.
+    p.add_argument("--steps", default="3,5,8,14,18", metavar="N,N,...", help="sampler step counts N, comma-separated: "
+                   "Heun makes 2N-1 network evaluations per image, Euler N (default: 3,5,8,14,18)")  # fmt: skip
     p.add_argument("--rho", default="7,72,90", help="schedule exponents (default: 7,72,90: EDM and the AOT paper)")
     p.add_argument("--solver", default="heun", help="solvers, comma-separated: heun, euler (default: heun)")
+    add_sampler_flags(p, steps=False, rho=False, solver=False)  # churn and sigma range, as in `aotdiff sample`
+    p.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-1999 or 1,5,9-11 (default: 0..N-1 with "
+                   "N from --num)")  # fmt: skip
+    p.add_argument("--num", type=int, default=None, help="samples per cell, seeds 0..num-1, instead of --seeds "
+                   "(default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_NUM.items()) + ")")  # fmt: skip
+    add_class_flag(p)
     p.add_argument("--metric", default="auto", help="'fd' (FD-digits), 'fid' or 'w2' (2-D toys); default 'auto' "
                    "picks per run: w2 for toys, fd for the built-in digits, fid otherwise")  # fmt: skip
-    p.add_argument("--num", type=int, default=None, help="samples per cell (default: "
-                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_NUM.items()) + ")")  # fmt: skip
     p.add_argument("--ref", type=Path, default=None, help="reference statistics .npz (needed for fid; for fd the "
                    "default is the whole digits dataset)")  # fmt: skip
     p.add_argument("--detector", type=Path, default=None, help="Inception-v3 file for fid (default: "
                    "$AOTDIFF_DETECTOR or the cache folder)")  # fmt: skip
-    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (default: 0.002)")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level (default: 80)")
-    p.add_argument("--curvature-num", type=int, default=256, help="curvature trajectories per run (default: 256)")
+    p.add_argument("--curvature-num", type=int, default=256, help="curvature trajectories per run, seeds from the "
+                   "first sweep seed on (default: 256)")  # fmt: skip
     p.add_argument("--curvature-steps", type=int, default=256, help="Heun steps of the curvature grid (default: 256)")
     p.add_argument("--curvature-rho", type=float, default=7.0, help="rho of the curvature grid (default: 7)")
     p.add_argument("--no-curvature", action="store_true", help="skip the curvature reports")
-    p.add_argument("--batch", type=int, default=500, help="samples per batch (default: 500)")
+    add_max_batch_flag(p)
     p.add_argument("--out", type=Path, default=Path("sweep"), help="output folder (default: ./sweep)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    add_device_flag(p)
+    add_progress_flag(p)
+    add_raw_flag(p)
+    add_dg_flags(p)
+    # The shared DG flags, with --dg-weight taking a list here (one sweep cell per weight), like --steps and --rho.
+    for action in p._actions:
+        if "--dg-weight" in action.option_strings:
+            action.type, action.metavar = str, "W,W,..."
+            action.help = ("guidance weights on the Euler slope, comma-separated: one sweep cell per weight, 0 = the "
+                           "unguided sampler; the same --dg discriminator guides every run, and the curvature part "
+                           "stays unguided (default with --dg: 2 for unconditional models, 1 for conditional ones, "
+                           "as DG)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -81,65 +108,102 @@ def _solvers(text: str) -> list[str]:
     return solvers
 
 
+def _seeds(args: argparse.Namespace, metric: str) -> list[int]:
+    """The cells' seeds: --seeds, else 0..N-1 with N from --num or the metric's default."""
+    if args.seeds is not None:
+        return parse_seeds(args.seeds)
+    return list(range(args.num if args.num is not None else DEFAULT_NUM[metric]))
+
+
 def run(args: argparse.Namespace) -> int:
     from aotdiff.train.checkpoint import load_model
     from aotdiff.train.distributed import pick_device
 
+    # Every flag is checked before a model is loaded or a sample drawn.
     steps = parse_int_list(args.steps, "--steps")
     rhos = parse_float_list(args.rho, "--rho")
     solvers = _solvers(args.solver)
+    sampler = SamplerSettings(  # checks the sigma range and churn (NaN, inf, order) before any work
+        sigma_min=args.sigma_min, sigma_max=args.sigma_max, churn=args.churn, s_min=args.s_min, s_max=args.s_max,
+        s_noise=args.s_noise,
+    )  # fmt: skip
     if args.metric != "auto" and args.metric not in METRICS:
         raise ValueError(f"unknown --metric '{args.metric}'; choose one of: auto, {', '.join(METRICS)}")
-    if args.num is not None and args.num < 2:
-        raise ValueError(f"--num must be at least 2, got {args.num}")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be positive, got {args.batch}")
+    if args.seeds is not None and args.num is not None:
+        raise UserError("give --seeds or --num, not both (--num N means --seeds 0-<N-1>)")
+    if args.seeds is not None:
+        if len(parse_seeds(args.seeds)) < 2:  # a distance between distributions needs at least two samples
+            raise ValueError(f"--seeds must give at least 2 seeds, got '{args.seeds}'")
+    elif args.num is not None:
+        check_count(args.num, "--num")
+        if args.num < 2:
+            raise ValueError(f"--num must be at least 2, got {args.num}")
+    if args.class_label is not None and args.class_label < 0:
+        raise UserError(f"--class must be a class index >= 0, got {args.class_label}")
+    check_positive(args.max_batch, "--max-batch")
+    dg_weights = None if args.dg_weight is None else parse_weight_list(args.dg_weight, "--dg-weight")
+    if dg_weights is not None and args.dg is None:
+        raise UserError("--dg-weight sets the weights of Discriminator Guidance: give the discriminator with --dg DISC")
+    dg_args = copy.copy(args)
+    dg_args.dg_weight = None  # the run's default weight; the list is the sweep's axis
+    check_dg_flags(dg_args)
     if args.ref is not None and not args.ref.is_file():
         raise FileNotFoundError(f"reference statistics '{args.ref}' not found; create them with `aotdiff fid ref`")
     curvature = None
     if not args.no_curvature:
         if args.curvature_num < 1 or args.curvature_steps < 2:
             raise ValueError("--curvature-num must be positive and --curvature-steps at least 2")
+        SamplerSettings(steps=args.curvature_steps, rho=args.curvature_rho, sigma_min=args.sigma_min,
+                        sigma_max=args.sigma_max)  # fmt: skip
         curvature = CurvatureSettings(args.curvature_num, args.curvature_steps, args.curvature_rho)
     device = pick_device(args.device)
+    out: Path = args.out
+    check_writable_folder(out, "--out")  # before hours of sampling, not after
+    for path in args.models:
+        if not path.exists():
+            raise UserError(f"{path} does not exist; give a run directory, a checkpoint folder or a .safetensors file")
 
-    runs, nums = [], []
+    runs, seeds, guidance = [], {}, {}
     for label, path in zip(run_label(args.models), args.models, strict=True):
         model = load_model(path, ema=not args.raw, device=device)
+        check_class_label(args.class_label, model.num_classes)
         metric = args.metric if args.metric != "auto" else default_metric(model.shape, model.config)
-        num = args.num if args.num is not None else DEFAULT_NUM[metric]
+        seeds[label] = _seeds(args, metric)
         quality = make_quality(
-            metric, model.shape, model.config, where=str(path), num=num, ref=args.ref, detector=args.detector,
-            device=device,
+            metric, model.shape, model.config, where=str(path), num=len(seeds[label]), ref=args.ref,
+            detector=args.detector, device=device,
         )  # fmt: skip
         info = {"coupling": model.config.get("coupling", ""), "data": model.config.get("data", ""),
                 "nimg": model.nimg}  # fmt: skip
-        runs.append(SweepRun(label, model.denoiser, tuple(model.shape), quality, model.num_classes, info))
-        nums.append(num)
-        print(f"{label}: {quality.name} on {num} samples per cell ({info['data']}, {info['coupling']} coupling)")
+        guide = guidance_from_args(dg_args, model.num_classes, device)  # the same discriminator for every run
+        runs.append(SweepRun(label, model.denoiser, tuple(model.shape), quality, model.num_classes, info, guide))
+        guided = "" if guide is None else ", DG weights " + ",".join(f"{w:g}" for w in dg_weights or [guide.weight])
+        print(f"{label}: {quality.name} on {len(seeds[label])} samples per cell ({info['data']}, "
+              f"{info['coupling']} coupling{guided})")  # fmt: skip
+        if guide is not None:
+            meta = guidance_meta(guide, dg_args)
+            assert meta is not None
+            weight = meta.pop("weight")  # the run's default: the sweep's weights replace it
+            guidance[label] = {**meta, "weights": dg_weights if dg_weights is not None else [weight]}
 
-    total = sweep_cost(nums, steps, rhos, solvers, curvature)
-    bar = tqdm(total=total, unit="eval", unit_scale=True, desc="sweep", dynamic_ncols=True)
+    num_weights = len(dg_weights) if dg_weights is not None else 1
+    total = sweep_cost([len(s) for s in seeds.values()], steps, rhos, solvers, curvature, num_weights)
+    bar = progress_bar(args, total, "eval", "sweep")
     result = run_sweep(
-        runs, steps, rhos, solvers=solvers, num={r.label: n for r, n in zip(runs, nums, strict=True)},
-        sigma_min=args.sigma_min, sigma_max=args.sigma_max, curvature=curvature, batch_size=args.batch,
-        device=device, progress=bar.update, on_cell=lambda text: bar.set_postfix_str(text, refresh=True),
+        runs, steps, rhos, solvers=solvers, seeds=seeds, sampler=sampler, class_label=args.class_label,
+        curvature=curvature, batch_size=args.max_batch, device=device, progress=bar.update,
+        on_cell=lambda text: bar.set_postfix_str(text, refresh=True), dg_weights=dg_weights,
     )  # fmt: skip
     bar.close()
+    result.settings["guidance"] = guidance or None  # per run: discriminator, weights, weight2, boost
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     write_csv(result, out / "table.csv")
     plots = ["quality_vs_nfe.png"] + (["curvature_vs_sigma.png"] if result.curvature else [])
     write_markdown(result, out / "table.md", title="aotdiff sweep: " + ", ".join(r.label for r in runs), plots=plots)
     print((out / "table.md").read_text())
-    try:
-        plot_quality_vs_nfe(result.rows, out / "quality_vs_nfe.png")
-        if result.curvature:
-            plot_curvature_vs_sigma(result.curvature, out / "curvature_vs_sigma.png")
-    except PlotsUnavailableError as e:
-        print(f"(the tables were written to {out})", file=sys.stderr)
-        raise UserError(str(e)) from e
+    plot_quality_vs_nfe(result.rows, out / "quality_vs_nfe.png")
+    if result.curvature:
+        plot_curvature_vs_sigma(result.curvature, out / "curvature_vs_sigma.png")
     print(f"wrote {out}/table.csv, table.md, sweep.json, " + ", ".join(plots))
     return 0

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from aotdiff.cli.common import add_progress_flag
 from aotdiff.train.config import FLAG_NAMES, PRESET_HELP, PRESETS, TrainConfig, preset_config
 
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -87,7 +88,7 @@ def register(sub: Any, argv: list[str] | None = None) -> None:
     p.add_argument("--keep-going", action="store_true", default=False,
                    help="train on when a periodic checkpoint cannot be written (default: stop with an error); the "
                    "final checkpoint must always be written")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar (logs still written)")
+    add_progress_flag(p)
     add_config_flags(p, preset_in_argv(argv))
     p.set_defaults(run=run)
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = train(
         cfg, args.out, force=args.force, restart=args.restart, keep_going=args.keep_going,
-        progress=not args.no_progress,
+        progress=not getattr(args, "no_progress", False),
     )  # fmt: skip
     where = f"{result.nimg / 1000:.1f} kimg"
     if result.interrupted:

@@ -51,18 +51,6 @@ class CouplingStats:
         ratio = assigned / independent if independent > 0 else 1.0
         return CouplingStats(assigned, independent, ratio, solve_ms, cost_ms, n)
 
-    @staticmethod
-    def combine(parts: list[CouplingStats]) -> CouplingStats:
-        """Merge stats of disjoint pairings (pair-weighted means, summed times)."""
-        n = sum(p.n for p in parts)
-        return CouplingStats.from_sums(
-            sum(p.assigned_cost * p.n for p in parts),
-            sum(p.independent_cost * p.n for p in parts),
-            n,
-            sum(p.solve_ms for p in parts),
-            sum(p.cost_ms for p in parts),
-        )
-
     def as_tensor(self) -> torch.Tensor:
         """float64 [6] (for broadcasting between ranks); inverse of :meth:`from_tensor`."""
         return torch.tensor(

@@ -77,10 +77,6 @@ class PairedBatch:
     stats: PoolStats
     step_in_pool: int
 
-    @property
-    def new_pool(self) -> bool:
-        return self.step_in_pool == 0
-
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]

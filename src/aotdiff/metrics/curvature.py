@@ -65,8 +65,10 @@ class TrajectoryAccumulator:
     def __call__(self, info: StepInfo) -> None:
         if info.stage != "euler":
             return  # the tangent of step i is the slope at its start; Heun corrections are not tangents at grid points
-        w = abs(info.sigma - info.sigma_next)
-        b = _band_of(info.sigma, self.edges)
+        # Per-sample levels only arise with DG's boosting churn, which curvature runs do not use: take the largest.
+        sigma = info.sigma if isinstance(info.sigma, float) else float(info.sigma.max())
+        w = abs(sigma - info.sigma_next)
+        b = _band_of(sigma, self.edges)
         d = info.slope.reshape(info.slope.shape[0], -1).to(torch.float64)
         norm = d.norm(dim=1, keepdim=True)
         self.weight[b] += w
@@ -107,9 +109,12 @@ def _solve(
     solver: str,
     labels: torch.Tensor | None,
     callback: Callable[[StepInfo], None] | None = None,
+    guidance: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     with torch.no_grad():
-        return sample(denoiser, latents, sigmas, solver=solver, labels=labels, callback=callback).images
+        return sample(
+            denoiser, latents, sigmas, solver=solver, labels=labels, callback=callback, guidance=guidance
+        ).images
 
 
 def curvature_report(
@@ -130,6 +135,7 @@ def curvature_report(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    guidance: Callable[..., torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Curvature of the probability-flow ODE trajectories and truncation error of coarse samplers (JSON-ready dict).
 
@@ -145,6 +151,9 @@ def curvature_report(
         num_bands: number of log-spaced sigma bands in the curvature profile.
         batch_size: trajectories solved at once.
         progress: called with the number of trajectories finished after each batch.
+        guidance: the sampler's ``guidance`` hook (e.g. :class:`aotdiff.guidance.DiscriminatorGuidance`), used in the
+            fine and the coarse solves alike: the report is then that of the guided ODE. It must be deterministic
+            (no boosting churn), or the trajectories would not be ODE solutions.
 
     Returns:
         ``curvature`` (pooled kappa), ``curvature_median``, ``one_minus_cos``, ``curvature_per_sigma`` (list of
@@ -176,7 +185,7 @@ def curvature_report(
         labels = seed_labels(rng, num_classes, class_label)
         labels = None if labels is None else labels.to(device)
         acc = TrajectoryAccumulator(len(chunk), dim, edges, device)
-        x0 = _solve(denoiser, latents, fine, "heun", labels, acc)
+        x0 = _solve(denoiser, latents, fine, "heun", labels, acc, guidance)
         chord = (latents.to(torch.float64) * sigma_top - x0) / sigma_top
         parts = acc.finish(chord)
         nums.append(parts["num"].cpu())
@@ -185,7 +194,7 @@ def curvature_report(
         band_weight = parts["weight"]
         chord_norms.append(chord.reshape(len(chunk), -1).norm(dim=1).cpu())
         for n in truncation_steps:
-            xn = _solve(denoiser, latents, coarse[n], truncation_solver, labels)
+            xn = _solve(denoiser, latents, coarse[n], truncation_solver, labels, guidance=guidance)
             errors[n].append(((xn - x0).reshape(len(chunk), -1).norm(dim=1) / math.sqrt(dim)).cpu())
         if progress is not None:
             progress(len(chunk))

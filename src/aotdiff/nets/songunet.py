@@ -403,6 +403,29 @@ class SongUNet(ConditioningMixin, nn.Module):
         skips = self._encode(x, emb)
         return self._decode(skips[-1], emb, skips)
 
+    def encode(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The encoder's last activation: [B, feature_channels, feature_resolution, feature_resolution].
+
+        A frozen trained encoder is a feature extractor for Discriminator Guidance (``aotdiff.guidance``): it was
+        trained on the noise levels the discriminator sees, on the very data the discriminator judges.
+        """
+        self._check_inputs(x, noise_labels, class_labels, augment_labels)
+        return self._encode(x, self.embed(noise_labels, class_labels, augment_labels))[-1]
+
+    @property
+    def feature_channels(self) -> int:
+        return self._bottom_channels
+
+    @property
+    def feature_resolution(self) -> int:
+        return self.img_resolution >> (len(self.encoder) - 1)
+
     def _encode(self, x: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
         pyramid = x
         x = self.stem(x)

@@ -1,5 +1,8 @@
 """Checkpoints that survive crashes, preemption and full disks, and never unpickle code.
 
+Models for sampling (``load_model``) also come from EDM-format network pickles, read by :mod:`aotdiff.interop`
+without executing anything in them.
+
 Layout: ``RUN/checkpoints/<nimg, 10 digits>/`` holding
 
 * ``model.safetensors`` and ``ema.safetensors`` — weights, with the run configuration and the network's constructor
@@ -179,7 +182,13 @@ class Checkpoint:
 def read_weights(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (never executes code)."""
+    """Tensors and metadata of a safetensors file, or of an EDM-format pickle converted on the fly (the 'ema' network,
+    in aotdiff's names, with the metadata ``aotdiff convert`` would write). Never executes code from the file."""
+    if is_edm_pickle(Path(path)):
+        from aotdiff.interop.convert import edm_pickle_weights
+
+        tensors, metadata = edm_pickle_weights(path)
+        return {k: v.to(device) for k, v in tensors.items()}, metadata
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
@@ -250,12 +259,18 @@ class LoadedModel:
 
 
 def resolve_weights(path: str | Path, ema: bool = True) -> Path:
-    """A run directory, a checkpoint folder or a .safetensors file -> the weights file to load."""
+    """A run directory, a checkpoint folder, a .safetensors file or an EDM-format network pickle -> the file to load.
+
+    A file is returned as is whatever ``ema`` says: it holds one network (a pickle's entry is chosen when reading).
+    """
     p = Path(path)
     name = "ema.safetensors" if ema else "model.safetensors"
     if p.is_file():
-        if p.suffix != ".safetensors":
-            raise CheckpointError(f"{p} is not a .safetensors file; give a run directory, checkpoint or .safetensors")
+        if p.suffix != ".safetensors" and not is_edm_pickle(p):
+            raise CheckpointError(
+                f"{p} is neither a .safetensors file nor an EDM network pickle (.pkl); give a run directory, "
+                "a checkpoint folder, a .safetensors file or an EDM .pkl"
+            )
         return p
     if (p / name).is_file():
         return p / name
@@ -267,24 +282,41 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
             except CheckpointError as e:
                 warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
         raise CheckpointError(f"{p} holds no usable checkpoint; train first (aotdiff train --out {p})")
-    raise CheckpointError(f"{p} does not exist; give a run directory, a checkpoint folder or a .safetensors file")
+    raise CheckpointError(
+        f"{p} does not exist; give a run directory, a checkpoint folder, a .safetensors file or an EDM .pkl"
+    )
+
+
+def is_edm_pickle(path: str | Path) -> bool:
+    """An EDM-format network pickle (a .pkl name or pickle's first bytes), as opposed to aotdiff's .safetensors."""
+    from aotdiff.interop.edm_pickle import looks_like_pickle  # lazily: aotdiff.interop imports this module
+
+    return looks_like_pickle(path)
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a trained denoiser from a run directory (latest checkpoint), a checkpoint folder or a weights file."""
+    """Rebuild a trained denoiser from a run directory (latest checkpoint), a checkpoint folder, a weights file or an
+    EDM-format network pickle (EDM's / EDM-AOT's ``*.pkl``: its 'ema' network, or 'net' with ``ema=False``; read
+    without running anything in it)."""
     from aotdiff.diffusion import Precond
     from aotdiff.nets import build_network
 
     weights = resolve_weights(path, ema)
-    tensors, meta = read_weights(weights, device)
-    if "network" not in meta or "shape" not in meta:
-        raise CheckpointError(f"{weights} was not written by aotdiff (no network description in its metadata)")
-    net_config = json.loads(meta["network"])
-    raw = build_network(**net_config)
-    label_dim = int(meta.get("label_dim", "0"))
-    model = Precond(raw, label_dim=label_dim)
-    model.load_state_dict(tensors)
+    if is_edm_pickle(weights):
+        from aotdiff.interop.convert import convert_edm_pickle
+
+        converted = convert_edm_pickle(weights, which=None if ema else "net")
+        model, meta = converted.denoiser, converted.metadata
+    else:
+        tensors, meta = read_weights(weights, device)
+        if "network" not in meta or "shape" not in meta:
+            raise CheckpointError(f"{weights} was not written by aotdiff (no network description in its metadata)")
+        raw = build_network(**json.loads(meta["network"]))
+        sigma_data = float(meta.get("sigma_data", "0.5"))  # written by `aotdiff convert` (EDM's sigma_data)
+        model = Precond(raw, label_dim=int(meta.get("label_dim", "0")), sigma_data=sigma_data)
+        model.load_state_dict(tensors)
     model.to(device).eval().requires_grad_(False)
+    label_dim = int(meta.get("label_dim", "0"))
     return LoadedModel(
         denoiser=model,
         shape=tuple(json.loads(meta["shape"])),

@@ -65,7 +65,7 @@ class TrainConfig:
     # --- numerics
     precision: str = _f("fp32", "'fp32' (TF32 off, as EDM), 'tf32' (TF32 matmuls on CUDA) or 'bf16' (autocast)")
     compile: bool = _f(False, "wrap the network in torch.compile")
-    device: str = _f("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    device: str = _f("auto", "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     threads: int = _f(
         0, "CPU threads for torch (0 = torch's default, one per core); use 1 when other jobs share the cores"
     )
@@ -217,7 +217,6 @@ def flag_name(field_name: str) -> str:
     return FLAG_NAMES.get(field_name, ("--" + field_name.replace("_", "-"),))[0]
 
 
-
 # (field, lowest allowed, whether the lowest value itself is allowed); every float must also be finite.
 _RANGES: tuple[tuple[str, float, bool], ...] = (
     ("model_channels", 1, True), ("num_blocks", 1, True), ("duration_kimg", 0, False), ("batch", 1, True),
@@ -269,7 +268,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
             raise ValueError(f"{flag_name(name)} values must be positive, got {getattr(cfg, name)}")
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
     """Fields that differ between two resolved configurations, ignoring those that may change on resume."""
-    keys = sorted((set(old) | set(new)) - RESUMABLE_CHANGES)
+    keys = sorted((set(old) | set(new)) - ignore)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

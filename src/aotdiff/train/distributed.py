@@ -7,6 +7,7 @@ never touch torch.distributed. NCCL is used on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,27 @@ def init(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:
 
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    if pref == "auto":
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device that exists here; anything else is a one-line ValueError.
+
+    Checked before any work starts, so `--device tpu` or `--device cuda` on a CPU-only machine fails at once with the
+    choices instead of a torch traceback (or an hour of CPU sampling that was meant for a GPU).
+    """
+    choices = "choose auto, cpu, cuda or cuda:N"
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", str(pref).strip().lower(), flags=re.ASCII)
+    if m is None:
+        raise ValueError(f"--device {pref}: unknown device; {choices}")
+    name = m.group(0)
+    if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {pref}: CUDA is not available on this machine; use --device cpu")
-    if pref == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(pref)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {pref}: CUDA is not available on this machine; use --device cpu (or auto)")
+    index = int(m.group(1)) if m.group(1) is not None else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {pref}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

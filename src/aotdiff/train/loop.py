@@ -14,21 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import AugmentPipe, ImageDataset, ToyDataset, load_dataset
@@ -37,25 +31,25 @@ from aotdiff.generate import SamplerSettings, generate
 from aotdiff.nets import build_network, count_parameters
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train import distributed as dist_util
-from aotdiff.train import rundir
 from aotdiff.train.config import (
     PAPER_DEVICES,
     PRESET_CLASSES,
     PRESET_SHAPES,
     TrainConfig,
-    config_diff,
     validate,
 )
 from aotdiff.train.ema import EMA, ema_beta
 from aotdiff.train.randomness import EpochOrder, global_unit, keyed_generator
+from aotdiff.train.runloop import (  # noqa: F401 - re-exported: the trainer's public errors and result
+    CheckpointWriteError,
+    ConfigMismatchError,
+    RunLoop,
+    TrainResult,
+    gather_object,
+)
 from aotdiff.viz import save_image_grid, save_points_plot
 
-CHECKPOINT_FORMAT = "aotdiff/1"
 MAX_CLASSES = 100_000  # one-hot class conditioning: a label of 10^12 would mean a 10^12-wide input layer
-
-
-class ConfigMismatchError(rundir.RunDirectoryError):
-    """The run directory holds a run with a different configuration."""
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -226,49 +220,6 @@ def resolve_pools(cfg: TrainConfig, world_size: int) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-class CheckpointWriteError(ckpt_io.CheckpointError):
-    """A checkpoint could not be written, so the run stopped rather than go on (or report success) without it."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    nimg: int
-    steps: int
-    losses: list[float] = field(default_factory=list)  # mean loss of each step run in this invocation
-    interrupted: bool = False
-    signal: int | None = None  # the signal that stopped the run (SIGINT / SIGTERM), if any
-
-
-class _StopRequest:
-    """Turns SIGINT / SIGTERM into a polite request: finish the step, save a checkpoint, exit."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def __enter__(self) -> _StopRequest:
-        if sys.platform != "win32" and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint, then exiting", file=sys.stderr)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 def describe(cfg: TrainConfig) -> tuple[str, int]:
     """The resolved configuration as text, and the network's parameter count (builds the network, no training).
 
@@ -294,62 +245,30 @@ def describe(cfg: TrainConfig) -> tuple[str, int]:
     return text, n_params
 
 
-class Trainer:
-    """One training run in one run directory, as an object: build it, then :meth:`run` (or drive it step by step).
+class Trainer(RunLoop):
+    """EDM training (independent or AOT noise) in one run directory, as an object.
 
-    Construction does the setup: the run directory (lock, leftovers, configuration), data, network, EMA, optimizer,
-    the pool stream, and the resume from the newest usable checkpoint. Then
+    Construction does the setup (see :class:`aotdiff.train.runloop.RunLoop`: lock, configuration, resume), then
 
-    * :meth:`step` runs one optimizer step (``accum`` passes per device) and returns its mean loss;
+    * :meth:`step` runs one optimizer step (``accum`` passes of ``batch_gpu`` images per device) and returns its
+      mean loss;
     * :meth:`tick` writes one ``log.jsonl`` line (and TensorBoard scalars) for the steps since the last tick;
-    * :meth:`snapshot` writes a checkpoint and a sample grid;
+    * :meth:`snapshot` writes a checkpoint and the EMA's sample grid;
     * :meth:`run` loops until the duration is reached, a stop is requested or ``max_steps`` steps were run.
-
-    The training-loop skeleton (lock, resume, ticks, checkpoints, stop requests) is meant to be reused by other
-    trainers of this package (e.g. the discriminator of Discriminator Guidance).
     """
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        run_dir: str | Path,
-        *,
-        force: bool = False,
-        restart: bool = False,
-        progress: bool = True,
-        keep_going: bool = False,
-        log: Callable[[str], None] | None = None,
-    ):
+    cfg: TrainConfig
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, **kw: Any):
         validate(cfg)
-        self.cfg, self.run_dir, self.keep_going = cfg, Path(run_dir), keep_going
-        if cfg.threads:
-            # Spinning OpenMP threads that share cores with other jobs can slow small models down tens of times.
-            torch.set_num_threads(cfg.threads)
-        self.info, self.device = dist_util.init(cfg.device)
-        self.say: Callable[[str], None] = log or (lambda s: tqdm.write(s, file=sys.stderr))
-        if not self.info.is_main:
-            self.say = lambda s: None
-        self.progress = progress and self.info.is_main
-        self._lock: rundir.RunLock | None = None
         self._stream: PairedBatchStream | None = None
-        self._writer: Any = None
-        try:
-            self._setup(force, restart)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(cfg, run_dir, **kw)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _setup(self, force: bool, restart: bool) -> None:
-        cfg, info, device, run_dir = self.cfg, self.info, self.device, self.run_dir
+    def build(self) -> None:
+        cfg, info, device = self.cfg, self.info, self.device
         self.batch_gpu, self.accum = resolve_batch(cfg, info.world_size)
         pools, pools_note = resolve_pools(cfg, info.world_size)
-        if info.is_main:
-            rundir.prepare(run_dir)
-            self._lock = rundir.RunLock(run_dir).acquire()
-            ckpt_io.remove_temporary(run_dir)  # debris of a killed save; safe now that we hold the lock
-            if not restart:
-                self._check_config(force)
         data = load_training_data(cfg)
         self.shape = tuple(data.shape)
         torch.manual_seed(cfg.seed + info.rank)  # weights are broadcast from rank 0 by DDP; this seeds dropout
@@ -363,7 +282,6 @@ class Trainer:
         self.ema = EMA(self.net)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.metadata = {
-            "format": CHECKPOINT_FORMAT,
             "config": cfg.to_json(),
             "network": json.dumps(getattr(raw, "config", {})),
             "shape": json.dumps(list(self.shape)),
@@ -387,19 +305,10 @@ class Trainer:
         )  # fmt: skip
         if pools_note:
             self.say(pools_note)
-
-        # Counters, then resume (or a deliberate fresh start).
-        self.nimg, self.steps, self.nonfinite_steps, self.elapsed = 0, 0, 0, 0.0
-        self.losses: list[float] = []  # mean loss of each step of this invocation
-        if restart and info.is_main:
-            self._set_aside_previous_run()
-        dist_util.barrier(info)
-        latest = self._find_checkpoint()
-        if latest is not None:
-            self._load(latest)
-            self.say(f"resuming {run_dir} from {latest.path.name} ({self.nimg / 1000:.1f} kimg)")
-        elif cfg.init_from:
-            self._init_from(cfg.init_from)
+        self.nonfinite_steps = 0
+        self.last_lr = learning_rate(cfg, 0)
+        self._tick_ot: list[Any] = []
+        self._tick_wait_ms = 0.0
         self.ddp_net: nn.Module = self.net
         if info.enabled:
             self.ddp_net = DistributedDataParallel(
@@ -408,71 +317,36 @@ class Trainer:
         self.forward_net = torch.compile(self.ddp_net) if cfg.compile else self.ddp_net
         self.autocast = _precision_context(cfg, device)
 
-        if info.is_main:
-            rundir.write_json_atomic(run_dir / rundir.CONFIG_FILE, cfg.to_json() + "\n")
-            self.log = rundir.JsonlLog(run_dir / rundir.LOG_FILE)
-            dropped = self.log.truncate(self.nimg / 1000)
-            if dropped:
-                self.say(f"log.jsonl: dropped {dropped} line(s) written after the checkpoint being resumed")
-            self._writer = _tensorboard(run_dir, purge_step=self.nimg + 1)
+    @property
+    def stream(self) -> PairedBatchStream:
+        assert self._stream is not None
+        return self._stream
 
-        self.total_nimg = int(round(cfg.duration_kimg * 1000))
-        self.tick_nimg = max(int(round(cfg.tick_kimg * 1000)), 1)
-        self.snap_nimg = max(int(round(cfg.snapshot_kimg * 1000)), 1)
-        self._tick_losses: list[float] = []
-        self._tick_ot: list[Any] = []
-        self._tick_wait_ms = 0.0
-        self._tick_start_nimg, self._tick_start_time = self.nimg, time.perf_counter()
-        self.last_lr = learning_rate(cfg, self.nimg)
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.net.state_dict(), self.ema.module.state_dict()
 
-    def _check_config(self, force: bool) -> None:
-        old = rundir.read_config(self.run_dir)
-        if old is None:
-            return
-        diff = config_diff(old, self.cfg.to_dict())
-        if diff and not force:
-            raise ConfigMismatchError(
-                f"{self.run_dir} holds a run with a different configuration:\n  " + "\n  ".join(diff) + "\nUse "
-                "another --out for a new run, or --force to resume it with the new settings."
-            )
+    def load_weights(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(model)
+        self.ema.module.load_state_dict(ema)
 
-    def _find_checkpoint(self) -> ckpt_io.Checkpoint | None:
-        """The newest usable checkpoint; refuses to start over when checkpoints exist but none can be resumed."""
-        latest, problems = ckpt_io.find_resumable(self.run_dir, device="cpu")
-        for problem in problems:
-            warnings.warn(f"skipping checkpoint {problem}", stacklevel=3)
-        if latest is None and problems:
-            raise rundir.RunDirectoryError(
-                f"{self.run_dir} holds {len(problems)} checkpoint(s) but none can be resumed:\n  "
-                + "\n  ".join(problems)
-                + "\nNothing was changed. To continue: --init-from CHECKPOINT_FOLDER starts from those weights with "
-                "a fresh optimizer (if its .safetensors are intact), or --restart trains from scratch and moves the "
-                "old files aside (into RUN/abandoned-*)."
-            )
-        return latest
+    def extra_state(self) -> dict[str, Any]:
+        info, device = self.info, self.device
+        return {
+            "nonfinite_steps": self.nonfinite_steps, "optimizer": self.optimizer.state_dict(),
+            "stream": gather_object(self.stream.state_dict(), info),
+            "rng_cpu": gather_object(torch.get_rng_state(), info),
+            "rng_cuda": gather_object(torch.cuda.get_rng_state(device), info) if device.type == "cuda" else [],
+        }  # fmt: skip
 
-    def _set_aside_previous_run(self) -> None:
-        names = ("checkpoints", "samples", "tb", rundir.LOG_FILE)
-        present = [n for n in names if (self.run_dir / n).exists()]
-        if not present:
-            return
-        aside = self.run_dir / time.strftime("abandoned-%Y%m%d-%H%M%S")
-        aside.mkdir()
-        for n in present:
-            os.replace(self.run_dir / n, aside / n)
-        self.say(f"--restart: moved {', '.join(present)} to {aside}; training from scratch")
-
-    def _load(self, ckpt: ckpt_io.Checkpoint) -> None:
-        st, info = ckpt.state, self.info
-        self.net.load_state_dict(ckpt.model)
-        self.ema.module.load_state_dict(ckpt.ema)
+    def load_extra_state(self, st: dict[str, Any]) -> None:
+        info = self.info
         self.optimizer.load_state_dict(st["optimizer"])
-        self.nimg, self.steps = int(st["nimg"]), int(st["step"])
-        self.nonfinite_steps, self.elapsed = int(st["nonfinite_steps"]), float(st["elapsed_s"])
+        self.nonfinite_steps = int(st["nonfinite_steps"])
+        self.last_lr = learning_rate(self.cfg, self.nimg)
         streams = st["stream"]  # one state per rank (each rank consumes its own pools)
         if len(streams) != info.world_size:
             raise ValueError(
-                f"{ckpt.path} was written by {len(streams)} process(es) but this run has {info.world_size}; "
+                f"{self.run_dir} was written by {len(streams)} process(es) but this run has {info.world_size}; "
                 "resume with the same number of processes"
             )
         self.stream.load_state_dict(streams[info.rank])
@@ -480,7 +354,7 @@ class Trainer:
         if self.device.type == "cuda" and st.get("rng_cuda"):
             torch.cuda.set_rng_state(st["rng_cuda"][info.rank], self.device)
 
-    def _init_from(self, path: str) -> None:
+    def init_from(self, path: str) -> None:
         """Start from saved weights (model -> network, EMA -> EMA; one file -> both), counters and optimizer fresh."""
         source = Path(path)
         model_file = ckpt_io.resolve_weights(source, ema=False)
@@ -497,11 +371,6 @@ class Trainer:
                 ) from None
         self.say(f"initialised the weights from {model_file} and {ema_file} (optimizer and counters fresh)")
 
-    @property
-    def stream(self) -> PairedBatchStream:
-        assert self._stream is not None
-        return self._stream
-
     # ------------------------------------------------------------------------------------------------ steps
     def step(self) -> float:
         """One optimizer step: ``accum`` passes of ``batch_gpu`` images on every device, then lr, guard, Adam, EMA."""
@@ -514,10 +383,7 @@ class Trainer:
             if b.step_in_pool == 0:
                 self._tick_wait_ms += 1e3 * (time.perf_counter() - t_wait)
                 self._tick_ot.append(b.stats)
-            unit = global_unit(self.steps * self.accum + round_, info.rank, info.world_size, self.accum)
-            sigma = sample_sigma(
-                self.batch_gpu, generator=keyed_generator(cfg.seed, "sigma", unit, device), device=device
-            )
+            sigma = self._sigma(self.steps * self.accum + round_)
             last = round_ == self.accum - 1 or not info.enabled
             sync = nullcontext() if last else self.ddp_net.no_sync()  # type: ignore[operator]
             with sync, self.autocast():
@@ -538,139 +404,40 @@ class Trainer:
         mean_loss = float(dist_util.all_reduce_mean(step_loss, info))
         if not math.isfinite(mean_loss):
             self.say(f"warning: non-finite loss at step {self.steps} ({self.nimg / 1000:.1f} kimg)")
-        self._tick_losses.append(mean_loss)
-        self.losses.append(mean_loss)
+        self.record_loss(mean_loss)
         return mean_loss
 
-    def _crossed(self, interval: int) -> bool:
-        return self.nimg // interval != (self.nimg - self.cfg.batch) // interval
+    def _sigma(self, local_pass: int) -> torch.Tensor:
+        """Noise levels of one pass, keyed like the pools: virtual pool k of K on this rank is virtual rank
+        rank * K + k of world * K, so one device emulating K pools draws exactly what K devices draw."""
+        info, k_pools = self.info, self.stream.pools
+        rows = self.batch_gpu // k_pools
+        parts = []
+        for k in range(k_pools):
+            unit = global_unit(local_pass, info.rank * k_pools + k, info.world_size * k_pools, self.accum)
+            gen = keyed_generator(self.cfg.seed, "sigma", unit, self.device)
+            parts.append(sample_sigma(rows, generator=gen, device=self.device))
+        return torch.cat(parts)
 
-    def tick(self) -> dict[str, Any]:
-        """The log record of the steps since the last tick, written to log.jsonl and TensorBoard (rank 0)."""
-        now = time.perf_counter()
-        dt = now - self._tick_start_time
-        self.elapsed += dt
-        img_per_s = (self.nimg - self._tick_start_nimg) / max(dt, 1e-9)
-        losses = self._tick_losses or [float("nan")]
-        line = {
-            "kimg": round(self.nimg / 1000, 3), "step": self.steps, "loss": sum(losses) / len(losses),
-            "lr": self.last_lr, "img_per_s": round(img_per_s, 2), "sec_per_kimg": round(1000 / max(img_per_s, 1e-9), 3),
-            "nonfinite_grad_steps": self.nonfinite_steps, "time_s": round(self.elapsed, 2),
-        }  # fmt: skip
-        line.update(_ot_fields(self._tick_ot, self._tick_wait_ms, self.cfg))
-        if self.info.is_main:
-            self.log.append(line)
-            if self._writer is not None:
-                for k, v in line.items():
-                    if k != "kimg" and isinstance(v, int | float):
-                        self._writer.add_scalar(k, v, self.nimg)
-        self._tick_losses, self._tick_ot, self._tick_wait_ms = [], [], 0.0
-        self._tick_start_nimg, self._tick_start_time = self.nimg, time.perf_counter()
-        return line
+    def tick_fields(self) -> dict[str, Any]:
+        fields = {"lr": self.last_lr, "nonfinite_grad_steps": self.nonfinite_steps}
+        fields.update(_ot_fields(self._tick_ot, self._tick_wait_ms, self.cfg))
+        self._tick_ot, self._tick_wait_ms = [], 0.0
+        return fields
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything besides the weights that an exact resume needs (every rank's share gathered)."""
-        info, device = self.info, self.device
-        return {
-            "nimg": self.nimg, "step": self.steps, "nonfinite_steps": self.nonfinite_steps, "elapsed_s": self.elapsed,
-            "optimizer": self.optimizer.state_dict(), "stream": _gather_object(self.stream.state_dict(), info),
-            "rng_cpu": _gather_object(torch.get_rng_state(), info),
-            "rng_cuda": _gather_object(torch.cuda.get_rng_state(device), info) if device.type == "cuda" else [],
-        }  # fmt: skip
-
-    def save_checkpoint(self, reason: str, *, final: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0). A failure stops the run on every rank, unless ``keep_going`` was asked for
-        and this is not the last save: work that is not on disk is never reported as done."""
-        state = self.state_dict()
-        path, error = None, ""
-        if self.info.is_main:
-            try:
-                path = ckpt_io.save_checkpoint(
-                    self.run_dir, self.nimg, model=self.net.state_dict(), ema=self.ema.module.state_dict(),
-                    state=state, metadata={**self.metadata, "nimg": str(self.nimg)}, keep=self.cfg.keep_checkpoints,
-                )  # fmt: skip
-                self.say(f"{reason}: checkpoint {path}")
-            except ckpt_io.CheckpointError as e:
-                error = str(e)
-        failed = dist_util.any_true(bool(error), self.info, self.device)
-        if failed:
-            where = f"{self.nimg / 1000:.1f} kimg"
-            if self.keep_going and not final:
-                self.say(f"warning: {error}; training goes on (--keep-going); the work since the last checkpoint is "
-                         "not on disk yet")  # fmt: skip
-            else:
-                raise CheckpointWriteError(
-                    f"{error or 'rank 0 could not write a checkpoint'}. Training stopped at {where} so that no work "
-                    "is reported done that is not on disk; rerun the same command to resume from the last "
-                    "checkpoint" + ("" if final else " (or add --keep-going to train on through failed saves)")
-                )
-        dist_util.barrier(self.info)
-        return path
-
-    def snapshot(self, reason: str, *, final: bool = False) -> Path | None:
-        """A checkpoint, then the EMA's sample grid (a grid that cannot be written is only a warning)."""
-        path = self.save_checkpoint(reason, final=final)
-        if self.info.is_main and self.cfg.grid_seeds > 0:
+    def pictures(self) -> None:
+        if self.cfg.grid_seeds > 0:
             grid = self.run_dir / "samples" / f"{self.nimg:010d}.png"
-            try:
-                _snapshot_grid(self.ema.module, self.cfg, self.shape, self.label_dim, grid, self.device)
-            except OSError as e:
-                self.say(f"warning: could not write the sample grid {grid}: {e.strerror or e}")
-        return path
-
-    # ------------------------------------------------------------------------------------------------ the loop
-    def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train until the duration is reached (or a stop is requested, or ``max_steps`` steps of this call)."""
-        cfg = self.cfg
-        result = TrainResult(self.run_dir, self.nimg, self.steps)
-        bar = tqdm(
-            total=round(cfg.duration_kimg, 3), initial=round(self.nimg / 1000, 3), unit="kimg",
-            disable=not self.progress, dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}{postfix}]",
-        )  # fmt: skip
-        steps_this_run = 0
-        stopper = _StopRequest()
-        try:
-            with stopper:
-                while self.nimg < self.total_nimg:
-                    self.step()
-                    steps_this_run += 1
-                    bar.update(round(self.nimg / 1000 - bar.n, 3))
-                    done = self.nimg >= self.total_nimg
-                    stop_here = stopper.requested or (max_steps is not None and steps_this_run >= max_steps)
-                    stop = dist_util.any_true(stop_here, self.info, self.device)
-                    if self._crossed(self.tick_nimg) or done or stop:
-                        line = self.tick()
-                        bar.set_postfix_str(f"loss {line['loss']:.4f}, {line['img_per_s']:.0f} img/s", refresh=True)
-                    if self._crossed(self.snap_nimg) or done or stop:
-                        self.snapshot("finished" if done else "stopped" if stop else "snapshot", final=done or stop)
-                        self._tick_start_time = time.perf_counter()  # saving and sampling are not training time
-                    if stop:
-                        result.interrupted = not done
-                        break
-        finally:
-            bar.close()
-        result.signal = stopper.signal
-        result.nimg, result.steps, result.losses = self.nimg, self.steps, list(self.losses)
-        return result
+            _snapshot_grid(self.ema.module, self.cfg, self.shape, self.label_dim, grid, self.device)
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        dist_util.shutdown(self.info)
+        super().close()
 
     def __enter__(self) -> Trainer:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def train(
@@ -704,17 +471,6 @@ def _precision_context(cfg: TrainConfig, device: torch.device) -> Any:
     return nullcontext
 
 
-def _gather_object(state: Any, info: dist_util.DistInfo) -> list[Any]:
-    """Every rank's copy of a per-rank state (dropout generators, pool streams), gathered for the checkpoint."""
-    if not info.enabled:
-        return [state]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, state)
-    return out
-
-
 def _ot_fields(pools: list[Any], wait_ms: float, cfg: TrainConfig) -> dict[str, float]:
     """Pairing statistics of the pools started during a tick (AOT runs only)."""
     if cfg.coupling != "aot":
@@ -728,16 +484,6 @@ def _ot_fields(pools: list[Any], wait_ms: float, cfg: TrainConfig) -> dict[str, 
         "ot_wait_ms": round(wait_ms / n, 3),
         "ot_pools": n,
     }
-
-
-def _tensorboard(run_dir: Path, purge_step: int) -> Any:
-    """TensorBoard writer, if installed. ``purge_step`` hides events logged after the checkpoint being resumed, so
-    TensorBoard's view matches log.jsonl."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional dependency: pip install aotdiff[tensorboard]
-        return None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
 
 @torch.no_grad()

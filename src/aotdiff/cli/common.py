@@ -1,0 +1,261 @@
+"""Flags and checks that several commands share, defined once so that one flag name has one meaning everywhere.
+
+A flag added through these builders has the same name, type and help in every command that takes it
+(tests/test_eval_cli.py walks every sub-parser to keep it so). Meanings:
+
+* ``--device``     where to run: auto | cpu | cuda | cuda:N (validated by :func:`aotdiff.train.distributed.pick_device`).
+* ``--no-progress`` no progress bar; nothing else changes.
+* ``--max-batch``  images per network call when sampling or scoring: a memory knob, results do not depend on it.
+  ``--batch`` stays the *training* batch (`train`, `bench train`); on the sampling commands it is a hidden flag
+  that stops with a one-line pointer to ``--max-batch`` instead of meaning something else.
+* ``--steps``      sampler steps N (Heun makes 2N - 1 network evaluations, Euler N).
+
+The output checks run before any model is loaded or any sample drawn, so a typo in ``--out`` or a read-only folder
+costs a second, not an hour of sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import torch
+from tqdm import tqdm
+
+from aotdiff.cli import UserError
+from aotdiff.generate import SamplerSettings
+
+DEVICE_HELP = "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
+DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
+PROGRESS_HELP = "do not show a progress bar (for logs and scripts); nothing else changes"
+MAX_BATCH_HELP = "images per network call; lower it if memory runs out: results do not depend on it"
+STEPS_HELP = "sampler steps N: Heun makes 2N-1 network evaluations per image, Euler N"
+DEFAULT_MAX_BATCH = 256
+
+
+# ------------------------------------------------------------------------------------------------ flag builders
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (default auto)."""
+    p.add_argument("--device", type=str, default="auto", metavar=DEVICE_METAVAR, help=f"{DEVICE_HELP} (default: auto)")
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: read by :func:`progress_bar`."""
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
+
+
+def add_max_batch_flag(p: argparse.ArgumentParser, default: int = DEFAULT_MAX_BATCH) -> None:
+    """``--max-batch N`` (images per network call), plus a hidden ``--batch`` that says to use it instead."""
+    p.add_argument("--max-batch", type=int, default=default, metavar="N", help=f"{MAX_BATCH_HELP} (default: {default})")
+    add_renamed_flag(
+        p, "--batch", "--max-batch N (images per network call)", "--batch is the training batch of `aotdiff train`"
+    )
+
+
+def add_renamed_flag(p: argparse.ArgumentParser, old: str, new: str, why: str) -> None:
+    """A hidden flag that stops parsing with one line naming its replacement (not argparse's usage dump).
+
+    Used where a name used to mean something else on this command, so old scripts fail loudly rather than being
+    read with another meaning.
+    """
+    p.add_argument(old, nargs="?", action=_RenamedFlag, help=argparse.SUPPRESS, new=new, why=why)
+
+
+class _RenamedFlag(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, why: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new, self.why = new, why
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> NoReturn:
+        print(f"{parser.prog}: error: {self.option_strings[0]} is not a flag of `{parser.prog}`: use {self.new}; "
+              f"{self.why}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
+def add_steps_flag(p: argparse.ArgumentParser, default: int = 18) -> None:
+    p.add_argument("--steps", type=int, default=default, metavar="N", help=f"{STEPS_HELP} (default: {default})")
+
+
+def add_sigma_range_flags(p: argparse.ArgumentParser) -> None:
+    """``--sigma-min`` / ``--sigma-max``: the noise levels the sampler's grid runs between."""
+    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level of the grid (default: 0.002)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level of the grid (default: 80)")
+
+
+def add_churn_flags(p: argparse.ArgumentParser) -> None:
+    """EDM's stochastic sampler: ``--churn``, ``--s-min``, ``--s-max``, ``--s-noise``."""
+    p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn: noise re-injected per step; 0 = the "
+                   "deterministic ODE that AOT uses (default: 0)")  # fmt: skip
+    p.add_argument("--s-min", type=float, default=0.0, help="churn only where sigma >= this (EDM S_tmin; default: 0)")
+    p.add_argument("--s-max", type=float, default=float("inf"), help="churn only where sigma <= this (EDM S_tmax; "
+                   "default: inf)")  # fmt: skip
+    p.add_argument("--s-noise", type=float, default=1.0, help="EDM S_noise: scale of the re-injected noise "
+                   "(default: 1)")  # fmt: skip
+
+
+def add_sampler_flags(p: argparse.ArgumentParser, *, steps: bool = True, rho: bool = True, solver: bool = True) -> None:
+    """The flags of :class:`aotdiff.generate.SamplerSettings`; ``settings_from_args`` reads them back.
+
+    A command whose ``--steps`` / ``--rho`` / ``--solver`` take a list (``sweep``) turns those off and adds its own.
+    """
+    if steps:
+        add_steps_flag(p)
+    if rho:
+        p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent: EDM uses 7, the AOT paper 90 "
+                       "(unconditional) and 72 (conditional) (default: 7)")  # fmt: skip
+    if solver:
+        p.add_argument("--solver", choices=("heun", "euler"), default="heun", help="ODE solver: heun (2nd order) or "
+                       "euler (1st order) (default: heun)")  # fmt: skip
+    add_churn_flags(p)
+    add_sigma_range_flags(p)
+
+
+def add_dg_flags(p: argparse.ArgumentParser) -> None:
+    """Discriminator Guidance (EDM-G++): a discriminator trained by `aotdiff dg train` steers the sampler."""
+    g = p.add_argument_group("discriminator guidance")
+    g.add_argument("--dg", type=Path, default=None, metavar="DISC", help="guide with this discriminator: an "
+                   "`aotdiff dg train` run directory (or checkpoint / .safetensors), or DG's published head .pt with "
+                   "--dg-classifier (default: no guidance)")  # fmt: skip
+    g.add_argument("--dg-weight", type=float, default=None, metavar="W", help="guidance weight on the Euler slope "
+                   "(default: 2 for unconditional models, 1 for conditional ones, as DG)")  # fmt: skip
+    g.add_argument("--dg-weight2", type=float, default=0.0, metavar="W2", help="guidance weight on the Heun "
+                   "correction (default: 0, as DG)")  # fmt: skip
+    g.add_argument("--dg-boost", action=argparse.BooleanOptionalAction, default=None, help="DG's boosting: samples "
+                   "judged fake get churn every 5th step and double guidance every 2nd (default: on for conditional "
+                   "models, off otherwise)")  # fmt: skip
+    g.add_argument("--dg-classifier", type=Path, default=None, metavar="FILE", help="ADM 32x32 classifier file "
+                   "for a discriminator with the adm32 extractor (default: the path it was trained with)")  # fmt: skip
+
+
+def guidance_from_args(args: argparse.Namespace, num_classes: int, device: torch.device) -> Any:
+    """The :class:`aotdiff.guidance.DiscriminatorGuidance` the --dg flags ask for, or None."""
+    if getattr(args, "dg", None) is None:
+        return None
+    from aotdiff.guidance import DiscriminatorGuidance, load_discriminator
+
+    cond = num_classes > 0
+    disc = load_discriminator(args.dg, device=device, classifier=args.dg_classifier, conditional=cond)
+    if disc.num_classes and not cond:
+        raise UserError(f"--dg {args.dg} is class-conditional but the model is not")
+    weight = args.dg_weight if args.dg_weight is not None else (1.0 if cond else 2.0)
+    boost = args.dg_boost if args.dg_boost is not None else cond
+    return DiscriminatorGuidance(disc, weight=weight, weight2=args.dg_weight2, boost=boost)
+
+
+def guidance_meta(guidance: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """What to record next to results: the discriminator and the guidance settings."""
+    if guidance is None:
+        return None
+    return {"discriminator": str(args.dg), "weight": guidance.weight, "weight2": guidance.weight2,
+            "boost": guidance.boost}  # fmt: skip
+
+
+def check_dg_flags(args: argparse.Namespace) -> None:
+    """Guidance numbers refused before any work, like the sampler's."""
+    for flag, value in (
+        ("--dg-weight", getattr(args, "dg_weight", None)),
+        ("--dg-weight2", getattr(args, "dg_weight2", 0.0)),
+    ):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {value}")
+    if getattr(args, "dg", None) is not None and not Path(args.dg).exists():
+        raise UserError(f"--dg {args.dg}: no such file or directory (train one with `aotdiff dg train RUN --out DISC`)")
+
+
+def add_class_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label (0 to the "
+                   "number of classes - 1) of a class-conditional model (default: one drawn per seed)")  # fmt: skip
+
+
+def add_raw_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
+    """The sampler settings of the flags; refuses NaN, inf and out-of-range values (ValueError, one line)."""
+    return SamplerSettings(
+        steps=args.steps, rho=args.rho, solver=args.solver, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ run-time helpers
+def progress_bar(args: argparse.Namespace, total: int, unit: str, desc: str) -> tqdm:
+    """A tqdm bar on stderr, or a silent one with ``--no-progress`` (its ``update`` still works)."""
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, disable=bool(getattr(args, "no_progress", 0)))
+
+
+def check_positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+
+
+def check_class_index(label: int | None) -> None:
+    """A --class value that cannot be any model's class; the range is checked once the model is loaded."""
+    if label is not None and label < 0:
+        raise UserError(f"--class must be a class index >= 0, got {label}")
+
+
+def check_model_path(path: Path) -> None:
+    """The model argument exists (the default output folder is derived from it, so this comes first)."""
+    if not path.exists():
+        raise UserError(
+            f"{path} does not exist; give a run directory, a checkpoint folder, a .safetensors file or an EDM .pkl"
+        )
+
+
+def check_output_file(path: Path, suffix: str, flag: str = "--out") -> Path:
+    """Refuse an output path that cannot be written as given, before any work: wrong suffix, an existing folder, a
+    parent that is a file, or a folder this process cannot write in. Creates missing parent folders."""
+    if path.suffix.lower() != suffix:
+        raise UserError(f"{flag} {path}: the file name must end in {suffix} (it is written exactly as given)")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is an existing folder; give a file name ending in {suffix}")
+    check_writable_folder(path.parent, flag, path)
+    return path
+
+
+def check_writable_folder(folder: Path, flag: str, target: Path | None = None) -> None:
+    """Create ``folder`` if needed and prove it is writable by creating and removing a file there."""
+    what = f"{flag} {target if target is not None else folder}"
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{what}: '{parent}' is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".aotdiff-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in '{folder}' ({e.strerror or e}); choose another location") from e
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` exactly (no suffix added) via a temporary file in the same folder and a rename, so a crash or a
+    full disk never leaves a half-written file under the final name. Returns ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's permissions
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write '{path}': {e.strerror or e}") from e
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

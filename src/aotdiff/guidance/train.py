@@ -1,0 +1,373 @@
+"""Training a discriminator for Discriminator Guidance, with independent or AOT-paired perturbation noise.
+
+The recipe of DG (Kim et al. 2023, `train.py` of the reference, facts in docs): real images (label 1) and samples of
+the trained diffusion model (label 0), perturbed to a noise level drawn log-uniformly in EDM sigma over
+[1e-3, 152] (exactly DG's importance sampling of VP time), binary cross-entropy on the discriminator's logit, Adam
+lr 3e-4, weight decay 1e-7, batch 128. With ``dg_coupling='aot'`` the perturbation noise of each pool is paired
+with the pool's images by the exact assignment of :mod:`aotdiff.coupling` (class-wise for conditional models): the
+AOT-trained discriminator of the AOT paper (Kim et al. 2024, Table 2).
+
+The run directory, resume, log, checkpoints and stop handling are :class:`aotdiff.train.runloop.RunLoop`'s, shared
+with the diffusion trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
+from aotdiff.data import ImageDataset, load_dataset
+from aotdiff.generate import SamplerSettings, generate
+from aotdiff.guidance.discriminator import Discriminator, build_discriminator, default_kind
+from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, sample_dg_sigma
+from aotdiff.train import checkpoint as ckpt_io
+from aotdiff.train.checkpoint import LoadedModel, load_model
+from aotdiff.train.randomness import EpochOrder, keyed_generator
+from aotdiff.train.runloop import RunLoop, gather_object
+
+# Per-sigma view of the log (users of DG ask for it: at large sigma even a perfect discriminator sits at 0.5).
+SIGMA_BUCKETS = (DG_SIGMA_MIN, 0.01, 0.1, 1.0, 10.0, DG_SIGMA_MAX)
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DGConfig:
+    """Everything that decides a discriminator training run (saved as DISC/config.json)."""
+
+    base: str = _f("", "the trained diffusion model: run directory, checkpoint folder or .safetensors")
+    data: str = _f("", "real data (default: the base run's dataset)")
+    fakes: str = _f("", "model samples .npz (aotdiff sample's format); default: generate them into DISC/fakes.npz")
+    num_fakes: int = _f(0, "samples to generate (0 = as many as the real data)")
+    steps: int = _f(18, "sampler steps N of the generated fakes (Heun: 2N-1 network evaluations)")
+    rho: float = _f(7.0, "schedule exponent of the fakes' sampler")
+    solver: str = _f("heun", "solver of the fakes' sampler: heun or euler")
+    extractor: str = _f("auto", "feature extractor: auto, adm32 (needs --classifier), denoiser (the base model's "
+                        "encoder) or mlp (2-D data); auto = mlp for points, adm32 for 32x32 RGB with --classifier, "
+                        "else denoiser")  # fmt: skip
+    classifier: str = _f("", "ADM 32x32 classifier file (32x32_classifier.pt) for --dg-extractor adm32")
+    dg_coupling: str = _f("independent", "perturbation noise: independent (DG) or aot (paired by exact OT, the paper)")
+    dg_pool: int = _f(0, "AOT pool size (0 = one batch; a larger pool is consumed in batch-size slices)")
+    width: int = _f(128, "head width (DG: 128)")
+    depth: int = _f(2, "head residual blocks (DG: 2)")
+    batch: int = _f(128, "images per optimizer step, real and fake mixed (DG: 128)")
+    lr: float = _f(3e-4, "Adam learning rate (DG: 3e-4)")
+    weight_decay: float = _f(1e-7, "Adam weight decay (DG: 1e-7)")
+    epochs: float = _f(20.0, "passes over real + fake data (used when --kimg is 0)")
+    kimg: float = _f(0.0, "training length in thousands of images (0 = --epochs passes)")
+    seed: int = _f(0, "random seed of the head's initialisation, data order and noise")
+    tick_kimg: float = _f(2.0, "log one line every this many kimg")
+    snapshot_kimg: float = _f(20.0, "write a checkpoint every this many kimg")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    max_batch: int = _f(256, "images per network call when generating the fakes")
+    device: str = _f("auto", "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DGConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown discriminator configuration field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if not self.base:
+            raise ValueError("give the trained model: aotdiff dg train RUN --out DISC")
+        if self.dg_coupling not in ("independent", "aot"):
+            raise ValueError(f"--dg-coupling must be independent or aot, got {self.dg_coupling!r}")
+        if self.extractor not in ("auto", "adm32", "denoiser", "mlp"):
+            raise ValueError(f"--dg-extractor must be auto, adm32, denoiser or mlp, got {self.extractor!r}")
+        for name, low in (("batch", 1), ("width", 1), ("depth", 1), ("keep_checkpoints", 1), ("max_batch", 1),
+                          ("num_fakes", 0), ("dg_pool", 0), ("threads", 0), ("seed", 0)):  # fmt: skip
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "epochs", "tick_kimg", "snapshot_kimg"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("weight_decay", "kimg"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.dg_pool and self.dg_pool % self.batch:
+            raise ValueError(f"--dg-pool {self.dg_pool} must be a multiple of --batch {self.batch}")
+        SamplerSettings(steps=self.steps, rho=self.rho, solver=self.solver)  # validates the fakes' sampler
+
+
+# Settings that may change when a discriminator run is resumed.
+DG_RESUMABLE = frozenset(
+    {"epochs", "kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "device", "threads", "max_batch"}
+)
+
+
+@dataclass
+class RealFake:
+    """Real items (target 1) followed by the model's samples (target 0), all in model space ([-1, 1] images)."""
+
+    items: torch.Tensor
+    labels: torch.Tensor | None  # class indices of every item, or None
+    num_real: int
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+class RealFakeSource:
+    """Pool source for the coupling stream: items, class labels, targets and noise, keyed by the draw index.
+
+    The real/fake target rides in the stream's row-aligned ``augment_labels`` slot ([n, 1] float), which the
+    discriminator does not otherwise use, so it stays with its item through pooling, slicing and checkpoints.
+    """
+
+    def __init__(self, data: RealFake, seed: int, device: torch.device):
+        self.data, self.seed, self.device = data, seed, device
+        self.order = EpochOrder(len(data), seed)
+        self.draws = 0
+
+    def draw(self, n: int) -> PoolDraw:
+        g = self.draws
+        self.draws += 1
+        idx = torch.from_numpy(self.order.indices(g * n, n).astype(np.int64))
+        items = self.data.items[idx].to(self.device)
+        target = (idx < self.data.num_real).to(torch.float32).view(-1, 1).to(self.device)
+        labels = None if self.data.labels is None else self.data.labels[idx].to(self.device)
+        noise = torch.randn(
+            items.shape, generator=keyed_generator(self.seed, "dg-noise", g, self.device), device=self.device
+        )
+        return PoolDraw(images=items, noise=noise, labels=labels, augment_labels=target)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.draws = int(state["draws"])
+
+
+def _to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x C -> float32 N x C x H x W in [-1, 1], as the datasets give them."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+
+
+def read_fakes(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples from a .npz in aotdiff's sample format: images (uint8 NHWC) or points, and labels."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if len(shape) == 3:
+                if "images" not in f:
+                    raise ValueError(f"--fakes {path}: no 'images' array (write it with `aotdiff sample`)")
+                items = _to_model_space(f["images"])
+            else:
+                if "points" not in f:
+                    raise ValueError(f"--fakes {path}: no 'points' array (write it with `aotdiff sample`)")
+                items = torch.from_numpy(np.asarray(f["points"], dtype=np.float32))
+            labels = torch.from_numpy(f["labels"].astype(np.int64)) if "labels" in f and f["labels"].size else None
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--fakes {path}: cannot read it ({e})") from None
+    if tuple(items.shape[1:]) != tuple(shape):
+        raise ValueError(f"--fakes {path}: items of shape {tuple(items.shape[1:])}, the model makes {tuple(shape)}")
+    return items, labels
+
+
+class DGTrainer(RunLoop):
+    """Trains a discriminator head in a run directory (see the module docstring)."""
+
+    cfg: DGConfig
+    resumable_changes = DG_RESUMABLE
+    checkpoint_format = "aotdiff-dg/1"
+
+    def __init__(self, cfg: DGConfig, run_dir: str | Path, **kw: Any):
+        cfg.validate()
+        self._stream: PairedBatchStream | None = None
+        super().__init__(cfg, run_dir, **kw)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def build(self) -> None:
+        cfg, device = self.cfg, self.device
+        if self.info.enabled:
+            raise ValueError("aotdiff dg train runs on one device; start it without torchrun")
+        base = load_model(cfg.base, device=device)
+        self.base = base
+        self.shape = tuple(base.shape)
+        real_items, real_labels = self._real_data(base)
+        fake_items, fake_labels = self._fakes(base, len(real_items))
+        cond = base.num_classes > 0
+        if cond and (real_labels is None or fake_labels is None):
+            raise ValueError("the base model is class-conditional: real data and fakes need labels")
+        labels = torch.cat([real_labels, fake_labels]) if cond else None  # type: ignore[list-item]
+        self.data = RealFake(torch.cat([real_items, fake_items]), labels, len(real_items))
+        kind = cfg.extractor if cfg.extractor != "auto" else default_kind(self.shape, cfg.classifier or None)
+        self.disc: Discriminator = build_discriminator(
+            kind, shape=self.shape, num_classes=base.num_classes, base=base.denoiser,  # type: ignore[arg-type]
+            classifier=cfg.classifier or None, width=cfg.width, depth=cfg.depth, seed=cfg.seed,
+        ).to(device)  # fmt: skip
+        self.disc.train()
+        self.optimizer = torch.optim.Adam(self.disc.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        coupler = make_coupler(cfg.dg_coupling, classwise=cond)
+        pool = (cfg.dg_pool or cfg.batch) if cfg.dg_coupling == "aot" else None
+        self._stream = PairedBatchStream(RealFakeSource(self.data, cfg.seed, device), coupler, cfg.batch, pool)
+        self.metadata = {**self.disc.metadata(), "config": cfg.to_json(), "base": str(base.source)}
+        self._zero_stats()
+        self.say(f"discriminator ({kind}): {sum(p.numel() for p in self.disc.trainable()):,} trainable parameters; "
+                 f"{self.data.num_real} real + {len(self.data) - self.data.num_real} fake items")  # fmt: skip
+
+    def _real_data(self, base: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec = self.cfg.data or str(base.config.get("data", ""))
+        if not spec:
+            raise ValueError("the base model does not name its dataset: pass --data PATH")
+        data = load_dataset(
+            spec, toy_size=int(base.config.get("data_size", 20000)), toy_seed=int(base.config.get("seed", 0))
+        )
+        if tuple(data.shape) != self.shape:
+            raise ValueError(f"--data {spec}: items of shape {tuple(data.shape)}, the model makes {self.shape}")
+        items, labels = data.batch(np.arange(len(data)))
+        if isinstance(data, ImageDataset) and base.num_classes and labels is None:
+            raise ValueError(f"--data {spec} has no labels, but the base model is class-conditional")
+        return items.float(), labels
+
+    def _fakes(self, base: LoadedModel, num_real: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.cfg
+        if cfg.fakes:
+            return read_fakes(Path(cfg.fakes), self.shape)
+        path = self.run_dir / "fakes.npz"
+        if path.is_file():  # generated by an earlier start of this run: same seeds, same samples
+            return read_fakes(path, self.shape)
+        n = cfg.num_fakes or num_real
+        settings = SamplerSettings(steps=cfg.steps, rho=cfg.rho, solver=cfg.solver)
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="img", desc="generating fakes", disable=not self.progress, dynamic_ncols=True)
+        batches = list(generate(
+            base.denoiser, range(n), self.shape, settings=settings, num_classes=base.num_classes,
+            batch_size=cfg.max_batch, device=self.device, progress=bar.update,
+        ))  # fmt: skip
+        bar.close()
+        labels = torch.cat([b.labels for b in batches if b.labels is not None]) if base.num_classes else None
+        arrays: dict[str, np.ndarray] = {
+            "seeds": np.arange(n, dtype=np.int64),
+            "labels": labels.numpy() if labels is not None else np.zeros(0, np.int64),
+            "meta": np.array(json.dumps({"model": str(base.source), "sampler": settings.to_dict()})),
+        }
+        if len(self.shape) == 3:
+            arrays["images"] = torch.cat([b.images for b in batches]).permute(0, 2, 3, 1).numpy()
+        else:
+            arrays["points"] = torch.cat([b.raw for b in batches]).numpy()
+        tmp = path.with_name(f".fakes-{os.getpid()}.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+        self.say(f"wrote {n} fakes ({settings.solver}, {settings.steps} steps) to {path}")
+        return read_fakes(path, self.shape)
+
+    @property
+    def stream(self) -> PairedBatchStream:
+        assert self._stream is not None
+        return self._stream
+
+    def duration_nimg(self) -> int:
+        kimg = self.cfg.kimg or self.cfg.epochs * len(self.data) / 1000
+        return max(int(round(kimg * 1000)), self.cfg.batch)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.disc.head_state(), {}
+
+    def load_weights(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+        own = self.disc.head_state()
+        missing = sorted(set(own) - set(model))
+        if missing:
+            raise ckpt_io.CheckpointError(f"{self.run_dir}: the checkpoint lacks {missing[:3]}")
+        self.disc.head.load_state_dict({k[5:]: v for k, v in model.items() if k.startswith("head.")})
+        if self.disc.extractor is not None and any(k.startswith("extractor.") for k in model):
+            # the extractor as it was trained with (the base run may have trained on since)
+            self.disc.extractor.load_state_dict({k[10:]: v for k, v in model.items() if k.startswith("extractor.")})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(), "stream": gather_object(self.stream.state_dict(), self.info),
+            "rng_cpu": torch.get_rng_state(),
+        }  # fmt: skip
+
+    def load_extra_state(self, st: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.stream.load_state_dict(st["stream"][0])
+        torch.set_rng_state(st["rng_cpu"])
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _zero_stats(self) -> None:
+        k = len(SIGMA_BUCKETS) - 1
+        self._stats = torch.zeros(3, k + 1, dtype=torch.float64, device=self.device)  # loss, correct, count
+
+    def step(self) -> float:
+        cfg, device = self.cfg, self.device
+        b = self.stream.next()
+        n = b.images.shape[0]
+        sigma = sample_dg_sigma(n, generator=keyed_generator(cfg.seed, "dg-sigma", self.steps, device), device=device)
+        x = b.images + sigma.view(-1, *([1] * (b.images.ndim - 1))) * b.noise
+        assert b.augment_labels is not None
+        target = b.augment_labels[:, 0]
+        logit = self.disc(x, sigma, b.labels)
+        losses = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.nimg += n
+        self.steps += 1
+        with torch.no_grad():  # per-sigma-bucket sums, read once per tick
+            bucket = torch.bucketize(
+                sigma.double(), torch.tensor(SIGMA_BUCKETS[1:-1], dtype=torch.float64, device=device)
+            )
+            correct = ((logit > 0).float() == target).double()
+            for row, values in ((0, losses.double()), (1, correct), (2, torch.ones_like(correct))):
+                self._stats[row, :-1].index_add_(0, bucket, values)
+                self._stats[row, -1] += values.sum()
+        value = float(loss.detach())
+        self.record_loss(value)
+        return value
+
+    def tick_fields(self) -> dict[str, Any]:
+        loss, correct, count = self._stats.cpu().tolist()
+        fields: dict[str, Any] = {"acc": correct[-1] / max(count[-1], 1)}
+        for i in range(len(SIGMA_BUCKETS) - 1):
+            name = f"sigma_{SIGMA_BUCKETS[i]:.3g}_{SIGMA_BUCKETS[i + 1]:.3g}"
+            if count[i]:
+                fields[f"acc_{name}"] = round(correct[i] / count[i], 5)
+                fields[f"loss_{name}"] = round(loss[i] / count[i], 5)
+        if self.cfg.dg_coupling == "aot" and self.stream.stats is not None:
+            fields["ot_cost_ratio"] = round(self.stream.stats.coupling.ratio, 5)
+        self._zero_stats()
+        return fields
+
+    def progress_text(self, line: dict[str, Any]) -> str:
+        return f"loss {line['loss']:.4f}, acc {line['acc']:.3f}, {line['img_per_s']:.0f} img/s"
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+
+def train_discriminator(cfg: DGConfig, run_dir: str | Path, **kw: Any) -> Any:
+    """Train (or resume) a discriminator in ``run_dir``; returns the :class:`~aotdiff.train.runloop.TrainResult`."""
+    max_steps = kw.pop("max_steps", None)
+    with DGTrainer(cfg, run_dir, **kw) as t:
+        return t.run(max_steps=max_steps)

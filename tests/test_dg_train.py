@@ -1,0 +1,118 @@
+"""Discriminator training (aotdiff dg train): it learns what is learnable, AOT pairs stay within classes, exact resume,
+and the command line end to end (train a discriminator, then sample with --dg)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aotdiff.cli import main
+from aotdiff.guidance import load_discriminator
+from aotdiff.guidance.train import DGConfig, DGTrainer, train_discriminator
+from aotdiff.train import checkpoint as ckpt_io
+from aotdiff.train.config import preset_config
+from aotdiff.train.loop import train
+from aotdiff.train.randomness import keyed_generator
+from test_train import tiny
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dg") / "toy"
+    train(tiny(duration_kimg=0.256, data_size=1024), run, progress=False)
+    return run
+
+
+def _shifted_fakes(run, path, shift=(0.6, 0.0)):
+    """'Fakes' = the real points moved by a fixed shift: a discriminator can tell them apart at small sigma only."""
+    from aotdiff.data import load_dataset
+
+    data = load_dataset("toy:8gaussians", toy_size=1024, toy_seed=0)
+    points = data.points + np.asarray(shift, np.float32)
+    np.savez(path, points=points, seeds=np.arange(len(points)), labels=np.zeros(0, np.int64))
+    return data
+
+
+def test_discriminator_learns_a_shift_at_small_sigma_and_not_at_large(toy_run, tmp_path):
+    data = _shifted_fakes(toy_run, tmp_path / "fakes.npz")
+    cfg = DGConfig(base=str(toy_run), fakes=str(tmp_path / "fakes.npz"), epochs=40, batch=256, lr=1e-3,
+                   width=128, depth=2, device="cpu", tick_kimg=10, snapshot_kimg=1000)  # fmt: skip
+    train_discriminator(cfg, tmp_path / "disc", progress=False)
+    disc = load_discriminator(tmp_path / "disc")
+    g = torch.Generator().manual_seed(1)
+    real = torch.from_numpy(data.points[:512])
+    fake = real + torch.tensor([0.6, 0.0])
+    x = torch.cat([real, fake])
+    target = torch.cat([torch.ones(512), torch.zeros(512)])
+
+    def accuracy(sigma):
+        xs = x + sigma * torch.randn(x.shape, generator=g)
+        with torch.no_grad():
+            logit = disc(xs, torch.full((len(xs),), sigma))
+        return float(((logit > 0).float() == target).float().mean())
+
+    assert accuracy(0.01) > 0.9
+    assert abs(accuracy(80.0) - 0.5) < 0.08
+    log = [json.loads(line) for line in (tmp_path / "disc" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "acc", "acc_sigma_0.001_0.01", "acc_sigma_10_152"} <= set(log[-1])
+
+
+def test_aot_discriminator_training_resumes_exactly_and_logs_its_coupling(toy_run, tmp_path):
+    _shifted_fakes(toy_run, tmp_path / "fakes.npz")
+    cfg = DGConfig(base=str(toy_run), fakes=str(tmp_path / "fakes.npz"), kimg=1.536, batch=128, dg_pool=256,
+                   dg_coupling="aot", device="cpu", tick_kimg=0.128, snapshot_kimg=0.512)  # fmt: skip
+    full = train_discriminator(cfg, tmp_path / "full", progress=False)
+    first = train_discriminator(cfg, tmp_path / "cut", progress=False, max_steps=5)  # stops mid-pool
+    second = train_discriminator(cfg, tmp_path / "cut", progress=False)
+    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    a = ckpt_io.load_latest(tmp_path / "full").model
+    b = ckpt_io.load_latest(tmp_path / "cut").model
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert all("ot_cost_ratio" in x and x["ot_cost_ratio"] < 1 for x in lines)
+    assert [x["kimg"] for x in lines] == [x["kimg"] for x in map(json.loads, (tmp_path / "full" / "log.jsonl")
+                                                                 .read_text().splitlines())]  # fmt: skip
+
+
+def test_conditional_aot_pairs_never_cross_classes(tmp_path):
+    run = tmp_path / "digits"
+    cfg = preset_config("digits", cond=True, duration_kimg=0.128, batch=64, model_channels=16, grid_seeds=4,
+                        grid_steps=2, device="cpu")  # fmt: skip
+    train(cfg, run, progress=False)
+    dg = DGConfig(base=str(run), num_fakes=96, steps=2, batch=64, dg_pool=128, dg_coupling="aot", width=32,
+                  kimg=0.128, device="cpu")  # fmt: skip
+    with DGTrainer(dg, tmp_path / "disc", progress=False) as t:
+        assert t.disc.spec["kind"] == "denoiser" and t.disc.num_classes == 10
+        t.stream.next()
+        pool = t.stream._pool  # the first pool: draw 0 of the source, paired
+        drawn = torch.randn(pool.images.shape, generator=keyed_generator(dg.seed, "dg-noise", 0, "cpu"))
+        assert not torch.equal(pool.noise, drawn)  # the pairing did permute the noise
+        for c in pool.labels.unique():
+            mine = pool.labels == c  # the noises paired with class c are exactly the ones drawn for class c
+            a, b = pool.noise[mine].flatten(1), drawn[mine].flatten(1)
+            torch.testing.assert_close(a[a[:, 0].argsort()], b[b[:, 0].argsort()], rtol=0, atol=0)
+        assert t.stream.stats.coupling.ratio < 1.0  # assigned pairs are closer than independent ones
+        t.run()
+
+
+def test_cli_dg_train_then_guided_sampling(toy_run, tmp_path, capsys):
+    disc = tmp_path / "disc"
+    assert main(["dg", "train", str(toy_run), "--out", str(disc), "--epochs", "2", "--dg-coupling", "aot",
+                 "--steps", "3", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert (disc / "fakes.npz").is_file() and ckpt_io.list_checkpoints(disc)
+    out = tmp_path / "g.npz"
+    assert main(["sample", str(toy_run), "--dg", str(disc), "--dg-weight", "1", "--steps", "4", "--seeds", "0-7",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    with np.load(out) as f:
+        meta = json.loads(str(f["meta"]))
+        assert f["points"].shape == (8, 2)
+    assert meta["nfe"] == 7 and meta["discriminator_evals"] > 0 and meta["guidance"]["weight"] == 1.0
+    assert main(["sample", str(toy_run), "--dg", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dg", "--help"])
+    assert "train" in capsys.readouterr().out

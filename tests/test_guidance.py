@@ -1,0 +1,129 @@
+"""Discriminator Guidance as maths: the VP time map, exact guidance of a Gaussian, boosting stays per-seed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aotdiff.diffusion import gaussian_denoiser, gaussian_ode_solution
+from aotdiff.generate import SamplerSettings, generate
+from aotdiff.guidance.guide import DiscriminatorGuidance
+from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, edm_sigma, sample_dg_sigma, vp_alpha, vp_time
+from aotdiff.sampling import karras_sigmas, latents_from_seeds, sample
+
+A, B = 0.5, 1.0  # the model believes N(0, A^2 I); the data is N(0, B^2 I)
+
+
+def model(x, sigma, labels=None):
+    return gaussian_denoiser(x, sigma, data_std=A)
+
+
+def exact_log_ratio(x, sigma, labels=None):
+    """log N(x; 0, (B^2 + s^2) I) - log N(x; 0, (A^2 + s^2) I): the optimal discriminator's logit."""
+    s2 = sigma.double().view(-1, *([1] * (x.ndim - 1))) ** 2
+    vb, va = B**2 + s2, A**2 + s2
+    per_dim = -0.5 * x.double() ** 2 / vb - 0.5 * torch.log(vb) + 0.5 * x.double() ** 2 / va + 0.5 * torch.log(va)
+    return per_dim.flatten(1).sum(1)
+
+
+def test_vp_time_maps_edm_sigma_to_the_same_signal_scale():
+    sigma = torch.tensor([1e-3, 0.002, 0.0447, 0.5, 1.0, 10.0, 80.0, 152.0], dtype=torch.float64)
+    tau = vp_time(sigma)
+    torch.testing.assert_close(vp_alpha(tau), 1 / torch.sqrt(1 + sigma**2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(edm_sigma(tau), sigma, rtol=1e-9, atol=0)
+    assert float(vp_time(80.0)) == pytest.approx(0.934, abs=5e-4)
+    assert float(vp_time(0.0447)) == pytest.approx(0.01, abs=1e-4)  # DG's time_min
+    assert pytest.approx(1.0e-3, rel=1e-3) == DG_SIGMA_MIN and pytest.approx(152.2, rel=1e-3) == DG_SIGMA_MAX
+
+
+def test_dg_noise_levels_are_log_uniform():
+    s = sample_dg_sigma(200_000, generator=torch.Generator().manual_seed(0)).double()
+    assert float(s.min()) >= DG_SIGMA_MIN * (1 - 1e-6) and float(s.max()) <= DG_SIGMA_MAX * (1 + 1e-6)
+    u = (torch.log(s) - math.log(DG_SIGMA_MIN)) / (math.log(DG_SIGMA_MAX) - math.log(DG_SIGMA_MIN))
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert float((counts / 20_000 - 1).abs().max()) < 0.03  # flat in log sigma
+
+
+def test_exact_guidance_turns_the_wrong_gaussian_into_the_right_one():
+    latents = latents_from_seeds(range(64), shape=(4,)).double()
+    sigmas = karras_sigmas(256, rho=7)
+    target = gaussian_ode_solution(latents * 80, sigma_T=80, data_std=B)
+    guide = DiscriminatorGuidance(exact_log_ratio, weight=1.0, weight2=1.0, time_min=0.0, clip=1e-12)
+    guided, nfe = sample(model, latents, sigmas, guidance=guide)
+    plain, _ = sample(model, latents, sigmas)
+    assert float((guided - target).abs().max()) < 2e-3
+    assert float((plain - target).abs().max()) > 0.2  # unguided: the model's N(0, A^2), about half the scale
+    assert nfe == 2 * 256 - 1 and guide.evaluations == nfe  # one discriminator gradient per evaluation here
+
+
+def test_guidance_weight_zero_and_the_window_leave_the_sampler_alone():
+    latents = latents_from_seeds(range(8), shape=(4,)).double()
+    sigmas = karras_sigmas(9)
+    plain, _ = sample(model, latents, sigmas)
+    off = DiscriminatorGuidance(exact_log_ratio, weight=0.0)
+    torch.testing.assert_close(sample(model, latents, sigmas, guidance=off).images, plain, rtol=0, atol=0)
+    assert off.evaluations == 0
+    # DG's window: tau >= 0.01, i.e. sigma >= ~0.0447. On a grid that never leaves sigma < 0.04 nothing changes.
+    low = torch.tensor([0.04, 0.01, 0.0], dtype=torch.float64)
+    window = DiscriminatorGuidance(exact_log_ratio, weight=2.0)
+    torch.testing.assert_close(sample(model, latents, low, guidance=window).images, sample(model, latents, low).images)
+
+
+def test_default_heun_stage_is_unguided():
+    """weight2 = 0 (DG's default): only the Euler slope carries guidance; the Heun stage sees it only through x."""
+    x = latents_from_seeds(range(4), shape=(4,)).double() * 2
+    sigmas = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    g = DiscriminatorGuidance(exact_log_ratio, weight=1.0, time_min=0.0)
+    guided = sample(model, x / 2, sigmas, guidance=g).images
+    plain = sample(model, x / 2, sigmas).images
+    _, grad = g.log_ratio_and_grad(x, torch.full((4,), 2.0, dtype=torch.float64), None)
+    # One Heun step 2 -> 1 (h = -1) with a linear denoiser D = c(sigma) x, c = A^2 / (A^2 + sigma^2):
+    # the Euler slope changes by dd = -w sigma grad; the Euler point by h dd; the unguided Heun slope by
+    # (1 - c(1)) h dd; the average: h (dd + (1 - c(1)) h dd) / 2.
+    h, dd, c1 = -1.0, -1.0 * 2.0 * grad.double(), A**2 / (A**2 + 1.0)
+    torch.testing.assert_close(guided - plain, h * (dd + (1 - c1) * h * dd) / 2, rtol=1e-5, atol=1e-6)
+
+
+def flagging_discriminator(x, sigma, labels=None):
+    """Negative (fake) for samples whose first coordinate is negative: those get boosted."""
+    return 5 * torch.tanh(x[:, 0]) + 0.0 * x.sum(1)
+
+
+def test_boosting_churns_only_flagged_samples_and_stays_reproducible_per_seed():
+    settings = SamplerSettings(steps=12, solver="heun")
+    seeds = list(range(6))
+
+    def run(batch):
+        guide = DiscriminatorGuidance(flagging_discriminator, weight=1.0, boost=True)
+        out = list(generate(model, seeds, (3,), settings=settings, batch_size=batch, guidance=guide))
+        return torch.cat([b.raw for b in out]), sum(b.guidance_evals for b in out)
+
+    boosted_a, evals = run(6)
+    boosted_b, _ = run(2)
+    np.testing.assert_allclose(boosted_a.numpy(), boosted_b.numpy(), rtol=0, atol=1e-10)  # per seed, any batch
+    plain = torch.cat([b.raw for b in generate(model, seeds, (3,), settings=settings, batch_size=6)])
+
+    class Recording(DiscriminatorGuidance):
+        flagged = torch.zeros(6, dtype=torch.bool)
+
+        def step_churn(self, step, num_steps):
+            out = super().step_churn(step, num_steps)
+            if out is not None:
+                Recording.flagged |= out[0].cpu()
+            return out
+
+    boosted_c = torch.cat([b.raw for b in generate(
+        model, seeds, (3,), settings=settings, batch_size=6,
+        guidance=Recording(flagging_discriminator, weight=1.0, boost=True),
+    )])  # fmt: skip
+    torch.testing.assert_close(boosted_c, boosted_a, rtol=0, atol=0)
+    no_boost = torch.cat([b.raw for b in generate(
+        model, seeds, (3,), settings=settings, batch_size=6,
+        guidance=DiscriminatorGuidance(flagging_discriminator, weight=1.0),
+    )])  # fmt: skip
+    moved = (boosted_a - no_boost).abs().amax(1) > 1e-9  # boosting moved exactly the samples it flagged
+    assert moved.any() and torch.equal(moved, Recording.flagged), (moved, Recording.flagged)
+    assert evals > 0 and not torch.equal(no_boost, plain)
