@@ -78,7 +78,7 @@ def test_aot_discriminator_training_resumes_exactly_and_logs_its_coupling(toy_ru
                                                                  .read_text().splitlines())]  # fmt: skip
 
 
-def test_conditional_aot_pairs_never_cross_classes(tmp_path):
+def test_conditional_aot_pairs_never_cross_classes_nor_real_and_fake(tmp_path):
     run = tmp_path / "digits"
     cfg = preset_config("digits", cond=True, duration_kimg=0.128, batch=64, model_channels=16, grid_seeds=4,
                         grid_steps=2, device="cpu")  # fmt: skip
@@ -91,8 +91,11 @@ def test_conditional_aot_pairs_never_cross_classes(tmp_path):
         pool = t.stream._pool  # the first pool: draw 0 of the source, paired
         drawn = torch.randn(pool.images.shape, generator=keyed_generator(dg.seed, "dg-noise", 0, "cpu"))
         assert not torch.equal(pool.noise, drawn)  # the pairing did permute the noise
+        assert set(pool.labels.tolist()) & {1, 3} and set(pool.labels.tolist()) & {0, 2}  # key: class * 2 + real
         for c in pool.labels.unique():
-            mine = pool.labels == c  # the noises paired with class c are exactly the ones drawn for class c
+            # the noises paired with (class, real/fake) group c are exactly the ones drawn for that group, so each
+            # group's perturbation noise is still an exact N(0, I) sample
+            mine = pool.labels == c
             a, b = pool.noise[mine].flatten(1), drawn[mine].flatten(1)
             torch.testing.assert_close(a[a[:, 0].argsort()], b[b[:, 0].argsort()], rtol=0, atol=0)
         assert t.stream.stats.coupling.ratio < 1.0  # assigned pairs are closer than independent ones

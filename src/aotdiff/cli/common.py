@@ -259,3 +259,31 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+def add_run_dir_flags(p: argparse.ArgumentParser) -> None:
+    """What a trainer may do with an existing run directory (`train`, `dg train`: both run on RunLoop)."""
+    p.add_argument("--force", action="store_true", default=False, help="resume even if the config changed")
+    p.add_argument("--restart", action="store_true", default=False, help="train from scratch in an existing run "
+                   "directory; its checkpoints, log and pictures are moved aside into RUN/abandoned-DATE (nothing is "
+                   "deleted)")  # fmt: skip
+    p.add_argument("--keep-going", action="store_true", default=False, help="train on when a periodic checkpoint "
+                   "cannot be written (default: stop with an error); the final checkpoint must always be written")  # fmt: skip
+
+
+def exit_status(result: Any, next_step: str) -> int:
+    """Tell how a training run ended; 0 only when it trained its whole duration and saved it.
+
+    A run stopped by a signal returns 128 + the signal (the shell's convention), so `aotdiff train ... && aotdiff
+    sample ...` does not go on with an unfinished model.
+    """
+    where = f"{result.nimg / 1000:.1f} kimg"
+    if result.interrupted:
+        import signal
+
+        cause = signal.Signals(result.signal).name if result.signal else "a stop request"
+        print(f"stopped by {cause} at {where} (checkpoint saved); rerun the same command to resume", file=sys.stderr)
+        return 128 + result.signal if result.signal else 1
+    print(f"done: {where}; {next_step}", file=sys.stderr)
+    return 0

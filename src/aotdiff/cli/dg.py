@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
-import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from aotdiff.cli.common import DEVICE_HELP, MAX_BATCH_HELP, add_progress_flag
+from aotdiff.cli.common import DEVICE_HELP, MAX_BATCH_HELP, add_progress_flag, add_run_dir_flags, exit_status
 
 # Flag names of DGConfig fields that differ from "--field-name".
 _FLAGS = {"extractor": "--dg-extractor", "classifier": "--classifier"}
@@ -42,11 +40,7 @@ def register(sub: Any) -> None:
     t.add_argument("base", type=Path, metavar="RUN", help="the trained diffusion model (run, checkpoint, .safetensors)")
     t.add_argument("--out", type=Path, default=None, help="discriminator run directory (default: RUN-dg next to RUN)")
     t.add_argument("--dry-run", action="store_true", default=False, help="print the resolved config and exit")
-    t.add_argument("--force", action="store_true", default=False, help="resume even if the config changed")
-    t.add_argument("--restart", action="store_true", default=False, help="train from scratch, moving the old "
-                   "checkpoints and log aside")  # fmt: skip
-    t.add_argument("--keep-going", action="store_true", default=False, help="train on when a periodic checkpoint "
-                   "cannot be written")  # fmt: skip
+    add_run_dir_flags(t)
     add_progress_flag(t)
     _add_config_flags(t)
     t.set_defaults(run=run_train)
@@ -82,10 +76,4 @@ def run_train(args: argparse.Namespace) -> int:
         cfg, out, force=args.force, restart=args.restart, keep_going=args.keep_going,
         progress=not getattr(args, "no_progress", False),
     )  # fmt: skip
-    where = f"{result.nimg / 1000:.1f} kimg"
-    if result.interrupted:
-        cause = signal.Signals(result.signal).name if result.signal else "a stop request"
-        print(f"stopped by {cause} at {where} (checkpoint saved); rerun the same command to resume", file=sys.stderr)
-        return 128 + result.signal if result.signal else 1
-    print(f"done: {where}; sample with `aotdiff sample {args.base} --dg {out}`", file=sys.stderr)
-    return 0
+    return exit_status(result, f"sample with `aotdiff sample {args.base} --dg {out}`")

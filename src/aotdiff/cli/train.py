@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from aotdiff.cli.common import add_progress_flag
+from aotdiff.cli.common import add_progress_flag, add_run_dir_flags, exit_status
 from aotdiff.train.config import FLAG_NAMES, PRESET_HELP, PRESETS, TrainConfig, preset_config
 
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -81,13 +80,7 @@ def register(sub: Any, argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the resolved config and the parameter count, then exit (no data needed for a preset "
                    "that knows its data's shape)")  # fmt: skip
-    p.add_argument("--force", action="store_true", default=False, help="resume even if the config changed")
-    p.add_argument("--restart", action="store_true", default=False,
-                   help="train from scratch in an existing run directory; its checkpoints, log and grids are moved "
-                   "aside into RUN/abandoned-DATE (nothing is deleted)")  # fmt: skip
-    p.add_argument("--keep-going", action="store_true", default=False,
-                   help="train on when a periodic checkpoint cannot be written (default: stop with an error); the "
-                   "final checkpoint must always be written")  # fmt: skip
+    add_run_dir_flags(p)
     add_progress_flag(p)
     add_config_flags(p, preset_in_argv(argv))
     p.set_defaults(run=run)
@@ -115,11 +108,4 @@ def run(args: argparse.Namespace) -> int:
         cfg, args.out, force=args.force, restart=args.restart, keep_going=args.keep_going,
         progress=not getattr(args, "no_progress", False),
     )  # fmt: skip
-    where = f"{result.nimg / 1000:.1f} kimg"
-    if result.interrupted:
-        # Not a success: `aotdiff train ... && aotdiff sample ...` must not go on with an unfinished model.
-        cause = signal.Signals(result.signal).name if result.signal else "a stop request"
-        print(f"stopped by {cause} at {where} (checkpoint saved); rerun the same command to resume", file=sys.stderr)
-        return 128 + result.signal if result.signal else 1
-    print(f"done: {where}; sample with `aotdiff sample {args.out} --grid grid.png`", file=sys.stderr)
-    return 0
+    return exit_status(result, f"sample with `aotdiff sample {args.out} --grid grid.png`")

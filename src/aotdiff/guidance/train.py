@@ -133,8 +133,9 @@ class RealFake:
 class RealFakeSource:
     """Pool source for the coupling stream: items, class labels, targets and noise, keyed by the draw index.
 
-    The real/fake target rides in the stream's row-aligned ``augment_labels`` slot ([n, 1] float), which the
-    discriminator does not otherwise use, so it stays with its item through pooling, slicing and checkpoints.
+    The stream's ``labels`` are the pairing key (class x 2 + real, or real), and the real/fake target rides in its
+    row-aligned ``augment_labels`` slot ([n, 1] float), which the discriminator does not otherwise use, so both stay
+    with their item through pooling, slicing and checkpoints.
     """
 
     def __init__(self, data: RealFake, seed: int, device: torch.device):
@@ -147,12 +148,18 @@ class RealFakeSource:
         self.draws += 1
         idx = torch.from_numpy(self.order.indices(g * n, n).astype(np.int64))
         items = self.data.items[idx].to(self.device)
-        target = (idx < self.data.num_real).to(torch.float32).view(-1, 1).to(self.device)
-        labels = None if self.data.labels is None else self.data.labels[idx].to(self.device)
+        real = idx < self.data.num_real
+        target = real.to(torch.float32).view(-1, 1).to(self.device)
+        # The pairing key: real and fake items are paired only among themselves (and, for conditional models, within
+        # their class), so each group's perturbation noise stays an exact N(0, I) sample. Pairing across the groups
+        # hands the groups noises of different norms (OT gives items near the centre small noises), a shortcut a
+        # discriminator learns at large sigma and guidance then amplifies by sigma^2 (measured on 8 Gaussians:
+        # sliced W2 at 9 NFE went from 1.2 unguided to 14 guided).
+        key = real.to(torch.int64) if self.data.labels is None else self.data.labels[idx] * 2 + real.to(torch.int64)
         noise = torch.randn(
             items.shape, generator=keyed_generator(self.seed, "dg-noise", g, self.device), device=self.device
         )
-        return PoolDraw(images=items, noise=noise, labels=labels, augment_labels=target)
+        return PoolDraw(images=items, noise=noise, labels=key.to(self.device), augment_labels=target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws}
@@ -220,7 +227,7 @@ class DGTrainer(RunLoop):
         ).to(device)  # fmt: skip
         self.disc.train()
         self.optimizer = torch.optim.Adam(self.disc.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        coupler = make_coupler(cfg.dg_coupling, classwise=cond)
+        coupler = make_coupler(cfg.dg_coupling, classwise=True)  # blocks by the source's key: class x real/fake
         pool = (cfg.dg_pool or cfg.batch) if cfg.dg_coupling == "aot" else None
         self._stream = PairedBatchStream(RealFakeSource(self.data, cfg.seed, device), coupler, cfg.batch, pool)
         self.metadata = {**self.disc.metadata(), "config": cfg.to_json(), "base": str(base.source)}
@@ -323,7 +330,9 @@ class DGTrainer(RunLoop):
         x = b.images + sigma.view(-1, *([1] * (b.images.ndim - 1))) * b.noise
         assert b.augment_labels is not None
         target = b.augment_labels[:, 0]
-        logit = self.disc(x, sigma, b.labels)
+        assert b.labels is not None  # the pairing key, class * 2 + real
+        classes = None if self.data.labels is None else b.labels // 2
+        logit = self.disc(x, sigma, classes)
         losses = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
