@@ -47,7 +47,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--weight", type=float, default=1.0, help="DG weight (Euler slope)")
+    ap.add_argument("--render-only", action="store_true", help="re-render OUT/../dg.md from OUT/dg.json")
     args = ap.parse_args()
+    if args.render_only:
+        render(json.loads((args.out / "dg.json").read_text()), args.out.parent / "dg.md")
+        return
     torch.set_num_threads(1)
     start = time.time()
     data = load_dataset("toy:8gaussians")
@@ -108,6 +112,22 @@ def render(result: dict, path: Path) -> None:
             lines.append(
                 f"| {base} | {disc} | " + " | ".join(f"{r['mean']:.4f} +- {r['sd']:.4f}" for r in cells) + " |"
             )
+    lines += [
+        "",
+        "Guided minus unguided, paired by seed block (the same latents), mean +- sd over blocks (negative = better):",
+        "",
+        "| base | discriminator | " + " | ".join(f"{n} NFE" for n in STEPS) + " |",
+        "|---|---|" + "---|" * len(STEPS),
+    ]
+    for base in ("independent", "aot"):
+        plain = {r["nfe"]: r["w2"] for r in result["rows"] if r["base"] == base and r["discriminator"] == "none"}
+        for disc in ("independent", "aot"):
+            cells = []
+            for r in result["rows"]:
+                if r["base"] == base and r["discriminator"] == disc:
+                    d = [g - p for g, p in zip(r["w2"], plain[r["nfe"]])]
+                    cells.append(f"{statistics.mean(d):+.4f} +- {statistics.stdev(d):.4f}")
+            lines.append(f"| {base} | {disc} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
