@@ -423,8 +423,14 @@ def test_bench_times_iters_and_samples_with_steps(capsys):
     assert main(["bench", "sample", "--preset", "toy2d", "--steps", "3", "--max-batch", "4", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["nfe"] == 5 and result["batch"] == 4  # 3 Heun steps: 2 * 3 - 1 network calls of 4 images
-    assert main(["bench", "train", "--preset", "toy2d", "--iters", "1", "--device", "cpu", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    assert (
+        main(["bench", "train", "--preset", "toy2d", "--iters", "1", "--rounds", "2", "--device", "cpu", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 2  # timed trainer steps: --iters per round x --rounds
+    # The interface: the trainer's img/s, the bare loop's, and their ratio.
+    assert result["img_per_s"] > 0 and result["bare_img_per_s"] > 0
+    assert result["trainer_efficiency"] == pytest.approx(result["img_per_s"] / result["bare_img_per_s"], rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ sample's output file

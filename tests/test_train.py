@@ -244,7 +244,30 @@ def test_non_finite_gradients_are_replaced_and_reported():
     net = torch.nn.Linear(3, 2)
     net.weight.grad = torch.tensor([[1.0, float("nan"), float("inf")], [-float("inf"), 2.0, 3.0]])
     net.bias.grad = torch.tensor([0.5, -0.5])
-    assert sanitize_gradients(net) is True
+    assert bool(sanitize_gradients(net)) is True
     torch.testing.assert_close(net.weight.grad, torch.tensor([[1.0, 0.0, 1e5], [-1e5, 2.0, 3.0]]))
     torch.testing.assert_close(net.bias.grad, torch.tensor([0.5, -0.5]))
-    assert sanitize_gradients(net) is False  # now finite: nothing to report
+    assert bool(sanitize_gradients(net)) is False  # now finite: nothing to report
+
+
+def test_a_dataset_given_from_python_trains_exactly_like_the_named_one(tmp_path):
+    """Trainer(dataset=...) (used by `aotdiff bench train` and Python users) is the same run as --data NAME."""
+    from aotdiff.data import load_dataset
+    from aotdiff.train.loop import Trainer
+
+    cfg = tiny(duration_kimg=0.128, coupling="aot", aot_pool=64)
+    named = train(cfg, tmp_path / "named", progress=False)
+    with Trainer(
+        cfg, tmp_path / "given", dataset=load_dataset(cfg.data, toy_size=512, toy_seed=cfg.seed), progress=False
+    ) as t:
+        given = t.run()
+    assert len(named.losses) == 2  # 128 images in steps of 64
+    assert given.losses == named.losses
+
+
+def test_a_dataset_that_does_not_fit_the_preset_is_refused(tmp_path):
+    from aotdiff.data import load_dataset
+    from aotdiff.train.loop import Trainer
+
+    with pytest.raises(ValueError, match="2-D point data"):
+        Trainer(tiny(), tmp_path / "run", dataset=load_dataset("digits"), progress=False)

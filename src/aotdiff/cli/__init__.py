@@ -11,6 +11,10 @@ import importlib
 import sys
 
 from aotdiff import __version__
+from aotdiff.cpu import prefer_passive_waiting
+
+# Before anything imports torch: OpenMP reads its wait policy when it is loaded (see aotdiff.cpu).
+prefer_passive_waiting()
 
 # Sub-command modules, in the order `aotdiff --help` lists them.
 COMMANDS = ("train", "sample", "fid", "curvature", "sweep", "dg", "bench", "convert")
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from aotdiff.train.checkpoint import CheckpointError
 
+    if args.command not in ("train", "dg", "bench"):  # those take --threads and choose in their own setup
+        from aotdiff.cpu import configure_threads
+
+        configure_threads(0)
     try:
         return int(args.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError, CheckpointError) as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aotdiff.cli.common import add_progress_flag, add_run_dir_flags, exit_status
-from aotdiff.train.config import FLAG_NAMES, PRESET_HELP, PRESETS, TrainConfig, preset_config
+from aotdiff.train.config import AOT_KNOBS, FLAG_NAMES, PRESET_HELP, PRESETS, TrainConfig, preset_config
 
 _TYPES = typing.get_type_hints(TrainConfig)
 
@@ -40,13 +40,19 @@ def preset_in_argv(argv: list[str] | None) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, preset: str = "digits") -> None:
     """One flag per TrainConfig field; the help shows the unit and the value of the chosen preset."""
     base = TrainConfig.from_dict({**PRESETS[preset], "preset": preset})
+    # The AOT knobs' help shows what `--coupling aot` resolves them to (the shipped recipe), also for presets whose
+    # default coupling is independent (which records them off).
+    base_aot = TrainConfig.from_dict({**PRESETS[preset], "preset": preset, "coupling": "aot"})
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
             continue
         flags = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
         typ = _TYPES[f.name]
+        args = typing.get_args(typ)
+        if type(None) in args:  # `X | None` (an AOT knob: None = from the recipe): the flag takes an X
+            typ = next(a for a in args if a is not type(None))
         unit = f.metadata.get("unit")
-        value = getattr(base, f.name)
+        value = getattr(base_aot if f.name in AOT_KNOBS else base, f.name)
         shown = ",".join(map(str, value)) if isinstance(value, list) else (value if value != "" else "none")
         help_text = f"{f.metadata['help']}{f' [{unit}]' if unit else ''} ({preset} preset: {shown})"
         kw: dict[str, Any] = {"dest": f.name, "help": help_text}

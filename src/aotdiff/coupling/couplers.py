@@ -5,13 +5,16 @@ One interface (``pair(images, noise, labels=None) -> noise permuted``), two coup
 - :class:`IndependentCoupling`: the identity, i.e. standard diffusion training (each image keeps its i.i.d. noise).
 - :class:`HungarianCoupling`: AOT's mini-batch optimal transport (Kim et al., IJCAI 2024, Sec. 3; the authors'
   code): the exact assignment minimising sum_i c(x_i, z_perm(i)) with c = Euclidean distance between flattened
-  images and noises. Class-conditional pools are matched within each class only.
+  images and noises. Class-conditional pools are matched within each class only. With ``temperature > 0`` it is
+  a soft coupling (perturb-and-MAP, see :func:`perturb_costs`): the exact assignment of Gumbel-perturbed costs.
 
 Both always return a permutation of the input noise rows, so the noise marginal stays exactly N(0, I).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -172,6 +175,41 @@ def cost_matrix(x: torch.Tensor, z: torch.Tensor, cost: str = "l2") -> torch.Ten
     return d.square() if cost == "sqeuclidean" else d
 
 
+GUMBEL_PURPOSE = "aot-gumbel"
+
+
+def perturb_costs(c: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Perturb-and-MAP costs (Papandreou & Yuille, ICCV 2011): ``c - temperature * s * G``, G iid Gumbel(0, 1).
+
+    The exact assignment of the result is a random permutation that favours cheap ones: to first order it samples
+    P(perm) ~ exp(-cost(perm) / (temperature * s)), the permutation-valued analogue of entropic OT (whose plan
+    ~ exp(-c / eps) is not a permutation and would break the exact N(0, I) marginal). ``s`` is the standard
+    deviation of the entries of ``c`` (1 if they are all equal), so the temperature is in units of the spread of
+    pair costs: the perturbed assignment is unchanged by any c -> a c + b (a > 0), e.g. by the image resolution.
+    0 = exact OT (``c`` itself, no draw); ~0.1 = a small fraction of the spread; >> 1 = a near-uniform random
+    permutation, i.e. independent pairing.
+    """
+    if temperature == 0:
+        return c
+    spread = float(c.std())
+    scale = temperature * (spread if spread > 0 else 1.0)
+    return c - scale * rng.gumbel(size=c.shape)
+
+
+def gumbel_rng(seed: int, z: torch.Tensor) -> np.random.Generator:
+    """The generator of one block's Gumbel draws, keyed by the run seed and the block's own noise rows.
+
+    The noise of a pool is already a pure function of (run seed, global unit), so hashing it (the first 8 coordinates
+    of each row, in row order: enough to tell pools apart) keys the Gumbel draws by the pool itself: a resumed run
+    re-solves the same next pool with the same draws, the background worker changes nothing, and K virtual pools on
+    one device draw what K devices draw for their own pools, with no change to the coupler interface.
+    """
+    head = z.flatten(1)[:, :8].detach().float().cpu().contiguous().numpy()
+    h = hashlib.blake2b(f"{seed}/{GUMBEL_PURPOSE}/{head.shape}".encode(), digest_size=8)
+    h.update(head.tobytes())
+    return np.random.default_rng(int.from_bytes(h.digest(), "little"))
+
+
 class HungarianCoupling:
     """Exact OT pairing of a pool (AOT). Row i of the result is the noise matched to image i.
 
@@ -180,9 +218,23 @@ class HungarianCoupling:
         backend: assignment solver, see :func:`aotdiff.coupling.solvers.solve_assignment` (None = 'auto').
         classwise: when labels are given, solve one assignment per class and never pair across classes
             (the authors' conditional models). Singleton classes keep their own noise.
+        temperature: soft coupling (:func:`perturb_costs`) in units of the std of each block's costs; 0 = exact OT
+            (the paper), which draws nothing. Its draws are keyed by ``seed`` and each block's noise
+            (:func:`gumbel_rng`). Stats always report the true (unperturbed) cost of the chosen permutation.
+        seed: the run seed, for the Gumbel draws.
     """
 
-    def __init__(self, cost: str = "l2", backend: str | None = None, classwise: bool = True) -> None:
+    def __init__(
+        self,
+        cost: str = "l2",
+        backend: str | None = None,
+        classwise: bool = True,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"--aot-temperature must be a finite number >= 0, got {temperature}")
         if cost not in COSTS:
             raise ValueError(f"cost: unknown coupling cost {cost!r}; choose 'l2' or 'sqeuclidean'")
         if backend is not None and backend != "auto" and backend not in BACKENDS:
@@ -192,6 +244,7 @@ class HungarianCoupling:
         self.cost = cost
         self.backend = backend
         self.classwise = classwise
+        self.temperature, self.seed = temperature, seed
         self.last_stats: CouplingStats | None = None
 
     def assign(
@@ -213,13 +266,17 @@ class HungarianCoupling:
         for idx in group_index_sets(n, classes, blocks):
             t0 = time.perf_counter()
             if idx.size == n:
-                block = cost_matrix(x, z, self.cost)
+                xb, zb = x, z
             else:
                 rows = torch.as_tensor(idx, device=x.device)
-                block = cost_matrix(x[rows], z[rows], self.cost)
-            c = block.double().cpu().numpy()
+                xb, zb = x[rows], z[rows]
+            c = cost_matrix(xb, zb, self.cost).double().cpu().numpy()
+            if self.temperature > 0:
+                target = perturb_costs(c, self.temperature, gumbel_rng(self.seed, zb))
+            else:
+                target = c
             t1 = time.perf_counter()
-            col = solve_assignment(c, self.backend, data_dim=x.shape[1])
+            col = solve_assignment(target, self.backend, data_dim=x.shape[1])
             t2 = time.perf_counter()
             perm[idx] = idx[col]
             assigned_sum += float(c[np.arange(idx.size), col].sum())
@@ -234,10 +291,18 @@ class HungarianCoupling:
         return _apply(noise, perm)
 
 
-def make_coupler(name: str, *, cost: str = "l2", backend: str | None = None, classwise: bool = True) -> Coupler:
-    """Coupler by name, as the CLI spells it: 'aot' (Hungarian) or 'independent'."""
+def make_coupler(
+    name: str,
+    *,
+    cost: str = "l2",
+    backend: str | None = None,
+    classwise: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Coupler:
+    """Coupler by name, as the CLI spells it: 'aot' (Hungarian) or 'independent' (which ignores the AOT options)."""
     if name == "independent":
         return IndependentCoupling()
     if name in ("aot", "hungarian"):
-        return HungarianCoupling(cost=cost, backend=backend, classwise=classwise)
+        return HungarianCoupling(cost=cost, backend=backend, classwise=classwise, temperature=temperature, seed=seed)
     raise ValueError(f"--coupling: unknown coupling {name!r}; choose 'aot' or 'independent'")

@@ -170,7 +170,7 @@ class ResampleConv2d(nn.Module):
         return x
 
 
-def group_norm(channels: int, eps: float, max_groups: int = 32, min_channels_per_group: int = 4) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float, max_groups: int = 32, min_channels_per_group: int = 4) -> GroupNorm:
     """GroupNorm with min(32, C // 4) groups (EDM's rule, so narrow layers keep >= 4 channels per group)."""
     groups = min(max_groups, channels // min_channels_per_group)
     if groups < 1 or channels % groups:
@@ -179,7 +179,19 @@ def group_norm(channels: int, eps: float, max_groups: int = 32, min_channels_per
             "choose model_channels and channel_mult so that every width is a multiple of 32 "
             "(or, below 128 channels, a multiple of 4 that its quarter divides)"
         )
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises half-precision input in fp32 and returns fp32 (what CUDA's autocast does for
+    group_norm, made device-independent: CPU autocast would keep bf16, whose 8-bit mantissa makes the variance of a
+    group with a large mean inaccurate). fp32 / fp64 input is untouched; the state dict is nn.GroupNorm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 class SelfAttention2d(nn.Module):

@@ -21,6 +21,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# --- AOT recipes: the values the AOT knobs take when no flag sets them (docs/coupling.md, issue 12).
+# The paper's exact AOT (Kim et al., IJCAI 2024; the authors' code): Euclidean cost, every row paired, exact OT.
+# (aot_gate_width only acts when aot_gate_sigma > 0; its value here is the one a bare --aot-gate-sigma S gets.)
+AOT_PAPER: dict[str, Any] = {"aot_cost": "l2", "aot_gate_sigma": 0.0, "aot_gate_width": 0.5, "aot_temperature": 0.0}
+# What `--coupling aot` ships: the defaults chosen by evidence. THE place a study changes them. For now the paper's:
+# no variant measured so far beats it at both few and many steps (docs/results.md).
+AOT_SHIPPED: dict[str, Any] = dict(AOT_PAPER)
+AOT_RECIPES: dict[str, dict[str, Any]] = {"shipped": AOT_SHIPPED, "paper": AOT_PAPER}
+AOT_KNOBS: tuple[str, ...] = tuple(AOT_PAPER)  # the fields a recipe sets (None in a TrainConfig = from the recipe)
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on and with which network
@@ -52,7 +63,28 @@ class TrainConfig:
     # --- noise coupling (AOT)
     coupling: str = _f("independent", "noise coupling: 'independent' (standard diffusion) or 'aot' (exact OT pairing)")
     aot_pool: int = _f(512, "AOT pool size P per device: images paired with noise in one assignment", unit="images")
-    aot_cost: str = _f("l2", "AOT cost: 'l2' (Euclidean, as the authors' code) or 'sqeuclidean' (the W2 cost)")
+    aot_recipe: str = _f(
+        "shipped",
+        "where unset AOT knobs (--aot-cost, --aot-gate-*, --aot-temperature) come from: 'shipped' (the defaults chosen "
+        "by evidence; explicit flags override them) or 'paper' (the paper's exact AOT; refuses knob flags that differ)",
+    )
+    aot_cost: str | None = _f(
+        None, "AOT cost: 'l2' (Euclidean, as the authors' code) or 'sqeuclidean' (the W2 cost); unset = the recipe's"
+    )
+    aot_gate_sigma: float | None = _f(
+        None,
+        "sigma-gated AOT: a row keeps its paired noise with probability sigmoid((ln sigma - ln S) / width), else "
+        "trains on fresh independent noise; this is S (0 = always paired, the paper; unset = the recipe's)",
+        unit="sigma",
+    )
+    aot_gate_width: float | None = _f(
+        None, "width of the sigma gate (0 = hard gate: paired iff sigma >= S; unset = the recipe's)", unit="ln sigma"
+    )
+    aot_temperature: float | None = _f(
+        None,
+        "soft AOT: exact assignment of costs perturbed by temperature x std(costs) x Gumbel noise, so still a "
+        "permutation of the pool's noise (0 = exact OT, the paper; >> 1 = independent; unset = the recipe's)",
+    )
     aot_scope: str = _f("rank", "AOT under DDP: 'rank' (each device its own pool, as the paper) or 'global'")
     aot_pools: int = _f(
         1,
@@ -63,11 +95,16 @@ class TrainConfig:
     aot_backend: str = _f("auto", "assignment solver: 'auto', 'scipy', 'lapjv' or 'pot'")
     aot_prefetch: bool = _f(True, "solve the next pool in a background thread while training on the current one")
     # --- numerics
-    precision: str = _f("fp32", "'fp32' (TF32 off, as EDM), 'tf32' (TF32 matmuls on CUDA) or 'bf16' (autocast)")
+    precision: str = _f(
+        "auto",
+        "'auto' (bf16 on a GPU that supports it, else fp32), 'fp32' (TF32 off: EDM's numerics), 'tf32' (TF32 matmuls "
+        "on CUDA) or 'bf16' (autocast; fp32 master weights, normalisations and loss)",
+    )
+    channels_last: str = _f("auto", "channels-last memory format for convolutions: 'auto' (on CUDA), 'yes' or 'no'")
     compile: bool = _f(False, "wrap the network in torch.compile")
     device: str = _f("auto", "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     threads: int = _f(
-        0, "CPU threads for torch (0 = torch's default, one per core); use 1 when other jobs share the cores"
+        0, "CPU threads for torch (0 = the free cores: all of them on an idle machine, fewer beside other busy jobs)"
     )
     # --- observability and checkpoints
     tick_kimg: float = _f(2.0, "log one line to log.jsonl every this many kimg", unit="kimg")
@@ -81,6 +118,29 @@ class TrainConfig:
         "start from the weights of a run, checkpoint folder or .safetensors (fresh optimizer and counters; "
         "only when there is no checkpoint to resume)",
     )
+
+    def __post_init__(self) -> None:
+        # Unset AOT knobs take the recipe's values, so config.json records what was trained. Independent coupling
+        # uses none of them: they take the paper's (off) values, and validate() refuses any other.
+        recipe = AOT_RECIPES.get(self.aot_recipe) if self.coupling == "aot" else AOT_PAPER
+        if recipe is None:
+            return  # unknown recipe: validate() names the choices
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def aot_knobs(self) -> AotKnobs:
+        """The resolved AOT knobs, typed (the fields are Optional only until ``__post_init__`` fills them in)."""
+        values = {name: getattr(self, name) for name in AOT_KNOBS}
+        unset = [flag_name(name) for name, value in values.items() if value is None]
+        if unset:
+            raise ValueError(f"{', '.join(unset)}: unset (unknown --aot-recipe {self.aot_recipe!r}?)")
+        return AotKnobs(
+            cost=str(values["aot_cost"]),
+            gate_sigma=float(values["aot_gate_sigma"]),
+            gate_width=float(values["aot_gate_width"]),
+            temperature=float(values["aot_temperature"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,11 +157,26 @@ class TrainConfig:
         return cls(**d)
 
 
-# Fields that may change between a run and its resumption without changing what is being trained.
+@dataclass(frozen=True)
+class AotKnobs:
+    """The AOT variant knobs of a configuration, resolved (see ``AOT_RECIPES`` and docs/coupling.md)."""
+
+    cost: str
+    gate_sigma: float
+    gate_width: float
+    temperature: float
+
+
+# Fields that may change between a run and its resumption without changing what is being trained. (aot_recipe only
+# fills in the AOT knobs, which are recorded and compared themselves.)
 RESUMABLE_CHANGES = frozenset(
     {"duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "grid_seeds", "grid_steps", "device",
-     "aot_prefetch", "aot_backend", "compile", "threads", "init_from"}
+     "aot_prefetch", "aot_backend", "compile", "threads", "init_from", "aot_recipe", "precision", "channels_last"}
 )  # fmt: skip
+
+# Fields added after runs were written, with the value those runs trained with: a config.json that lacks one compares
+# as that value on resume (every AOT run before the variant knobs was the paper's AOT).
+LEGACY_VALUES: dict[str, Any] = {k: AOT_PAPER[k] for k in ("aot_gate_sigma", "aot_gate_width", "aot_temperature")}
 
 _CIFAR_AOT = dict(
     data="",  # must be given: --data path/to/cifar10-32x32.zip or cifar-10-python.tar.gz
@@ -119,7 +194,6 @@ _CIFAR_AOT = dict(
     ema_halflife_kimg=500.0,
     ema_rampup_ratio=0.05,
     coupling="aot",
-    aot_cost="l2",
     aot_pools=0,  # the paper's 4 pools per step whatever the device count (4 / devices per device)
     tick_kimg=50.0,
     snapshot_kimg=2500.0,
@@ -204,8 +278,13 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     """The named preset with ``overrides`` applied (unknown names and fields are refused with the valid choices)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}, "preset": name}
-    return TrainConfig.from_dict(values)
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    preset = PRESETS[name]
+    if explicit.get("aot_recipe", preset.get("aot_recipe")) == "paper":
+        # The paper recipe wins over a preset's AOT knob values (they are defaults too); explicit flags are checked
+        # against it by validate().
+        preset = {k: v for k, v in preset.items() if k not in AOT_KNOBS}
+    return TrainConfig.from_dict({**preset, **explicit, "preset": name})
 
 
 # Command-line names of fields whose documented flag is not "--field-name" (the field's own flag stays an alias).
@@ -224,6 +303,7 @@ _RANGES: tuple[tuple[str, float, bool], ...] = (
     ("ema_rampup_ratio", 0, True), ("seed", 0, True), ("aot_pool", 1, True), ("aot_pools", 0, True),
     ("threads", 0, True), ("tick_kimg", 0, False), ("snapshot_kimg", 0, False), ("keep_checkpoints", 1, True),
     ("grid_seeds", 0, True), ("grid_steps", 1, True), ("data_size", 1, True),
+    ("aot_gate_sigma", 0, True), ("aot_gate_width", 0, True), ("aot_temperature", 0, True),
 )  # fmt: skip
 
 
@@ -236,11 +316,13 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     choices = {
         "arch": ("small", "ddpmpp", "ncsnpp", "mlp"),
         "coupling": ("independent", "aot"),
+        "aot_recipe": tuple(AOT_RECIPES),
         "aot_cost": ("l2", "sqeuclidean"),
         "aot_scope": ("rank", "global"),
         "aot_classwise": ("auto", "yes", "no"),
         "aot_backend": ("auto", "scipy", "lapjv", "pot"),
-        "precision": ("fp32", "tf32", "bf16"),
+        "precision": ("auto", "fp32", "tf32", "bf16"),
+        "channels_last": ("auto", "yes", "no"),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -263,12 +345,40 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
             "--aot-classwise yes pairs images and noise within each class, which is meant for class-conditional "
             "models: add --cond, or use --aot-classwise auto (class-wise exactly when --cond)"
         )
+    _validate_aot_knobs(cfg)
     for name in ("channel_mult", "attn_resolutions"):
         if any(v < 1 for v in getattr(cfg, name)):
             raise ValueError(f"{flag_name(name)} values must be positive, got {getattr(cfg, name)}")
 
 
+def _validate_aot_knobs(cfg: TrainConfig) -> None:
+    """Knobs that differ from the paper: refused with independent coupling (nothing is paired) and with
+    ``--aot-recipe paper`` (which promises the paper's exact AOT: an explicit flag must not quietly change that)."""
+    changed = [name for name in AOT_KNOBS if getattr(cfg, name) != AOT_PAPER[name]]
+    if not changed:
+        return
+    flags = ", ".join(f"{flag_name(name)} {getattr(cfg, name)}" for name in changed)
+    paper = ", ".join(f"{flag_name(name)} {AOT_PAPER[name]}" for name in changed)
+    if cfg.coupling != "aot":
+        raise ValueError(
+            f"{flags}: AOT option(s) given with --coupling {cfg.coupling}, which pairs nothing; "
+            "drop them or use --coupling aot"
+        )
+    if cfg.aot_recipe == "paper":
+        raise ValueError(
+            f"--aot-recipe paper is the paper's exact AOT ({paper}), but {flags} differs; drop the flag(s) for the "
+            "paper's AOT, or use --aot-recipe shipped to combine them"
+        )
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
-    """Fields that differ between two resolved configurations, ignoring those that may change on resume."""
+    """Fields that differ between two resolved configurations, ignoring those that may change on resume.
+
+    A field missing from one side compares as its ``LEGACY_VALUES`` entry (the value runs written before it existed
+    trained with), else as None."""
     keys = sorted((set(old) | set(new)) - ignore)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+    def value(d: dict[str, Any], k: str) -> Any:
+        return d[k] if k in d else LEGACY_VALUES.get(k)
+
+    return [f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in keys if value(old, k) != value(new, k)]

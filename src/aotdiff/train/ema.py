@@ -29,7 +29,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, live: nn.Module, beta: float) -> None:
-        for p_ema, p in zip(self.module.parameters(), live.parameters(), strict=True):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+        ema_params: list[torch.Tensor] = list(self.module.parameters())
+        live_params: list[torch.Tensor] = list(live.parameters())
+        if len(ema_params) != len(live_params):
+            raise ValueError("EMA.update: the live module has a different number of parameters than the EMA copy")
+        # One multi-tensor kernel instead of one per parameter (same arithmetic as p_ema.lerp_(p, 1 - beta)).
+        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, live_params)], 1.0 - beta)
         for b_ema, b in zip(self.module.buffers(), live.buffers(), strict=True):
             b_ema.copy_(b)

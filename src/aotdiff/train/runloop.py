@@ -11,7 +11,7 @@
 * checkpoint writing that stops the run when the disk refuses, so no unsaved work is ever reported done.
 
 A subclass says what is trained: :meth:`build` (networks, optimizer, data), :meth:`step` (one optimizer step,
-returns its mean loss), :meth:`weights` (the state dicts to save), :meth:`extra_state` / :meth:`load_extra_state`
+returns its mean loss on this rank, a device tensor or a float; hand it to :meth:`record_loss`), :meth:`weights` (the state dicts to save), :meth:`extra_state` / :meth:`load_extra_state`
 (optimizer, data streams, RNGs), and optionally :meth:`tick_fields` and :meth:`pictures`. The diffusion trainer
 (:class:`aotdiff.train.loop.Trainer`) and the discriminator trainer of Discriminator Guidance are the two subclasses.
 
@@ -22,6 +22,7 @@ The configuration object needs ``to_dict()`` / ``to_json()`` and the fields ``ti
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -36,10 +37,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from aotdiff.cpu import configure_threads, threads_note
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train import distributed as dist_util
 from aotdiff.train import rundir
 from aotdiff.train.config import RESUMABLE_CHANGES, config_diff
+
+# Under DDP, how often the ranks agree on a stop request (SIGINT / SIGTERM): a collective every step would make every
+# step wait for the device; every 16 steps delays a stop by at most 16 steps (a second or so), ticks check as well.
+STOP_CHECK_STEPS = 16
 
 
 class ConfigMismatchError(rundir.RunDirectoryError):
@@ -128,13 +134,15 @@ class RunLoop:
         log: Callable[[str], None] | None = None,
     ):
         self.cfg, self.run_dir, self.keep_going = cfg, Path(run_dir), keep_going
-        if cfg.threads:
-            # Spinning OpenMP threads that share cores with other jobs can slow small models down tens of times.
-            torch.set_num_threads(cfg.threads)
         self.info, self.device = dist_util.init(cfg.device)
         self.say: Callable[[str], None] = log or (lambda s: tqdm.write(s, file=sys.stderr))
         if not self.info.is_main:
             self.say = lambda s: None
+        if self.device.type == "cpu":
+            # Too many (spinning) threads beside other jobs can slow small models tens of times: see aotdiff.cpu.
+            note = threads_note(cfg.threads, configure_threads(cfg.threads))
+            if note:
+                self.say(note)
         self.progress = progress and self.info.is_main
         self._lock: rundir.RunLock | None = None
         self._writer: Any = None
@@ -152,8 +160,10 @@ class RunLoop:
         """Create networks, optimizer and data (after the run directory is secured, before the resume)."""
         raise NotImplementedError
 
-    def step(self) -> float:
-        """One optimizer step of ``cfg.batch`` images over all devices; advances ``nimg`` and ``steps``."""
+    def step(self) -> torch.Tensor | float:
+        """One optimizer step of ``cfg.batch`` images over all devices; advances ``nimg`` and ``steps``.
+
+        Returns this rank's mean loss; a device tensor is not read until the tick (no host synchronisation)."""
         raise NotImplementedError
 
     def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -219,7 +229,7 @@ class RunLoop:
         self.total_nimg = self.duration_nimg()
         self.tick_nimg = max(int(round(cfg.tick_kimg * 1000)), 1)
         self.snap_nimg = max(int(round(cfg.snapshot_kimg * 1000)), 1)
-        self._tick_losses: list[float] = []
+        self._tick_losses: list[torch.Tensor | float] = []
         self._tick_start_nimg, self._tick_start_time = self.nimg, time.perf_counter()
 
     def _check_config(self, force: bool) -> None:
@@ -275,7 +285,7 @@ class RunLoop:
         dt = now - self._tick_start_time
         self.elapsed += dt
         img_per_s = (self.nimg - self._tick_start_nimg) / max(dt, 1e-9)
-        losses = self._tick_losses or [float("nan")]
+        losses = self._flush_losses() or [float("nan")]
         line: dict[str, Any] = {
             "kimg": round(self.nimg / 1000, 3), "step": self.steps, "loss": sum(losses) / len(losses),
             "img_per_s": round(img_per_s, 2), "sec_per_kimg": round(1000 / max(img_per_s, 1e-9), 3),
@@ -339,10 +349,28 @@ class RunLoop:
         return path
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def record_loss(self, loss: float) -> None:
-        """Called by :meth:`step` with the step's mean loss (all ranks agree on it)."""
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Called by :meth:`step` with this rank's mean loss of the step.
+
+        A device tensor is only kept: the losses of a tick are read, and averaged over the ranks, in one transfer and
+        one collective at the tick (:meth:`_flush_losses`), so a step never waits for the device to finish."""
         self._tick_losses.append(loss)
-        self.losses.append(loss)
+
+    def _flush_losses(self) -> list[float]:
+        """The mean loss over all ranks of each step since the last tick (one host sync, one all-reduce)."""
+        if not self._tick_losses:
+            return []
+        per_step = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in self._tick_losses]
+        )
+        values: list[float] = dist_util.all_reduce_mean(per_step, self.info).tolist()
+        first = self.steps - len(values) + 1
+        bad = [first + i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            self.say(f"warning: non-finite loss at {len(bad)} step(s) from step {bad[0]} ({self.nimg / 1000:.1f} kimg)")
+        self._tick_losses = []
+        self.losses.extend(values)
+        return values
 
     def progress_text(self, line: dict[str, Any]) -> str:
         return f"loss {line['loss']:.4f}, {line['img_per_s']:.0f} img/s"
@@ -364,9 +392,13 @@ class RunLoop:
                     steps_this_run += 1
                     bar.update(round(self.nimg / 1000 - bar.n, 3))
                     done = self.nimg >= self.total_nimg
-                    stop_here = stopper.requested or (max_steps is not None and steps_this_run >= max_steps)
-                    stop = dist_util.any_true(stop_here, self.info, self.device)
-                    if self._crossed(self.tick_nimg) or done or stop:
+                    tick_now = self._crossed(self.tick_nimg)
+                    # A step count is the same on every rank; a signal may reach one rank only, and agreeing on it
+                    # costs a collective (a host sync), so ranks compare signals only every few steps and at ticks.
+                    stop = max_steps is not None and steps_this_run >= max_steps
+                    if self.steps % STOP_CHECK_STEPS == 0 or tick_now or done or stop or not self.info.enabled:
+                        stop = dist_util.any_true(stop or stopper.requested, self.info, self.device)
+                    if tick_now or done or stop:
                         bar.set_postfix_str(self.progress_text(self.tick()), refresh=True)
                     if self._crossed(self.snap_nimg) or done or stop:
                         self.snapshot("finished" if done else "stopped" if stop else "snapshot", final=done or stop)

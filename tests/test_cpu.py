@@ -1,0 +1,61 @@
+"""aotdiff.cpu: the thread count chosen from the load, and passive OpenMP waiting set before torch loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aotdiff import cpu
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 2.0, 1), (2, 7.5, 1), (16, 3.2, 13), (16, 0.0, 16), (1, 0.0, 1)],
+)
+def test_auto_threads_takes_the_free_cores_and_at_least_one(cores, load, expected):
+    assert cpu.auto_threads(cores, load) == expected
+
+
+def test_configure_threads_explicit_then_environment_then_load(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cpu.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(cpu, "machine_load", lambda: 0.0)
+        monkeypatch.setattr(cpu, "available_cores", lambda: 2)
+        assert cpu.configure_threads(0) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr(cpu, "machine_load", lambda: 1.8)
+        assert cpu.configure_threads(0) == 1
+        assert "load is 1.8" in cpu.threads_note(0, 1) and cpu.threads_note(2, 2) == ""
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert cpu.configure_threads(0) == 2  # the user's environment beats the load rule
+    finally:
+        torch.set_num_threads(before)
+
+
+def _policy_seen_by_the_cli(env: dict[str, str]) -> str:
+    code = "import os, aotdiff.cli, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_cli_asks_for_passive_waiting_before_torch_loads_unless_the_user_chose():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert _policy_seen_by_the_cli(env).strip() == "PASSIVE"
+    assert _policy_seen_by_the_cli({**env, "OMP_WAIT_POLICY": "ACTIVE"}).strip() == "ACTIVE"
+    # The policy is set while torch is still unloaded (OpenMP reads it when torch loads it).
+    code = (
+        "import sys, aotdiff.cpu as c\n"
+        "orig = c.prefer_passive_waiting\n"
+        "def spy():\n"
+        "    print('torch loaded:', 'torch' in sys.modules)\n"
+        "    return orig()\n"
+        "c.prefer_passive_waiting = spy\n"
+        "import aotdiff.cli\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "torch loaded: False"
+    assert cpu.prefer_passive_waiting() is False  # torch is loaded in this process: too late, nothing is changed
