@@ -285,6 +285,7 @@ def _canonical_flags():
     common.add_max_batch_flag(p)
     common.add_device_flag(p)
     common.add_progress_flag(p)
+    common.add_network_flags(p)
     return {o: a for a in p._actions for o in a.option_strings if o not in ("-h", "--help")}
 
 
@@ -309,8 +310,15 @@ VARIANTS = {
     ("dg", "train", "--rho"): "schedule exponent of the fakes' sampler",
     ("dg", "train", "--solver"): "solver of the fakes' sampler",
     ("dg", "train", "--batch"): "the discriminator's training batch per optimizer step",
+    # Training's numerics: a TrainConfig field (help from its metadata, --compile/--no-compile) or bench's default
+    # "the preset's"; the words and their meaning for the network are the same (checked in the test below).
+    ("train", "--precision"): "the training precision (TrainConfig.precision)",
+    ("bench", "train", "--precision"): "the training precision, default the preset's",
+    ("train", "--compile"): "TrainConfig.compile, with --no-compile",
+    ("bench", "train", "--compile"): "compiles the training network",
 }
-MEANING = {"--steps": "sampler step", "--batch": "optimizer step", "--rho": "exponent", "--solver": "heun"}
+MEANING = {"--steps": "sampler step", "--batch": "optimizer step", "--rho": "exponent", "--solver": "heun",
+           "--precision": "bf16", "--compile": "torch.compile"}  # fmt: skip
 
 
 def test_every_shared_flag_has_one_meaning_in_every_command():
@@ -347,6 +355,65 @@ def test_every_shared_flag_has_one_meaning_in_every_command():
             if not same:
                 problems.append(f"{where}: {action.help!r} ({action.type}) differs from {ref.help!r} ({ref.type})")
     assert not problems, "\n".join(problems)
+
+
+def test_precision_means_the_same_for_generating_and_for_training():
+    """`sample`, `fid calc` and `sweep` take --precision / --compile from one builder; the words are training's."""
+    from aotdiff.generate import PRECISIONS
+    from aotdiff.train.config import validate
+
+    leaves = dict(_leaf_parsers())
+    for words in (("sample",), ("fid", "calc"), ("sweep",)):
+        flags = {o: a for a in leaves[words]._actions for o in a.option_strings}
+        assert flags["--precision"].choices == PRECISIONS and flags["--precision"].default == "auto"
+        assert flags["--compile"].default is False
+        assert flags["--max-batch"].default is None  # sized to the GPU's memory there; 256 on a CPU
+    train_help = {o: a for a in leaves[("train",)]._actions for o in a.option_strings}["--precision"].help
+    for word in PRECISIONS:
+        validate(preset_config("digits", precision=word), need_data=False)  # a training precision too
+        assert f"'{word}'" in train_help
+    assert set(leaves[("bench", "train")]._option_string_actions["--precision"].choices) == set(PRECISIONS)
+
+
+def test_sample_and_fid_record_the_network_precision(toy_run, digits_run, cache, tmp_path, capsys):
+    """The precision is recorded with the samples; bf16 changes them by network rounding only (toy MLP: ~1e-2)."""
+    out = {p: tmp_path / f"{p}.npz" for p in ("auto", "bf16")}
+    for precision, path in out.items():
+        assert main(["sample", str(toy_run), "--steps", "3", "--seeds", "0-9", "--precision", precision, "--out",
+                     str(path), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    with np.load(out["auto"]) as a, np.load(out["bf16"]) as b:
+        meta_a, meta_b = json.loads(str(a["meta"])), json.loads(str(b["meta"]))
+        assert (meta_a["precision"], meta_a["compile"]) == ("fp32", False)  # auto on a CPU
+        assert (meta_b["precision"], meta_b["compile"]) == ("bf16", False)
+        diff = np.abs(a["points"] - b["points"])
+        assert 0 < diff.max() < 0.1 and np.array_equal(a["seeds"], b["seeds"])
+
+    ref = tmp_path / "ref.npz"
+    assert main(["fid", "ref", "--data", "digits", "--out", str(ref), "--device", "cpu", "--no-progress"]) == 0
+    result = tmp_path / "fd.json"
+    assert main(["fid", "calc", str(digits_run), "--ref", str(ref), "--num", "16", "--steps", "2", "--precision",
+                 "bf16", "--out", str(result), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    recorded = json.loads(result.read_text())
+    assert (recorded["precision"], recorded["compile"]) == ("bf16", False)
+    assert "bf16 network" in capsys.readouterr().out
+    # Stored samples ran no network: the flags are refused there, not silently ignored.
+    samples = tmp_path / "stored.npz"
+    np.savez(samples, images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(0, np.int64))
+    assert main(["fid", "calc", str(samples), "--ref", str(ref), "--num", "4", "--precision", "bf16",
+                 "--device", "cpu"]) == 2  # fmt: skip
+    assert "give a model, not stored samples" in capsys.readouterr().err
+
+
+def test_sweep_records_the_precision_and_keeps_the_curvature_in_fp32(toy_run, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(toy_run), "--steps", "2", "--rho", "7", "--num", "16", "--precision", "bf16",
+                 "--curvature-num", "4", "--curvature-steps", "4", "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    result = json.loads((out / "sweep.json").read_text())
+    assert [(r["info"]["precision"], r["info"]["compile"]) for r in result["rows"]] == [("bf16", False)]
+    (report,) = result["curvature"].values()
+    assert report["precision"] == "fp32"
+    assert "precision" in (out / "table.csv").read_text().splitlines()[0].split(",")
 
 
 SAMPLING_COMMANDS = [

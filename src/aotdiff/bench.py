@@ -180,20 +180,34 @@ def train_speed(
 
 
 @torch.no_grad()
-def sample_speed(cfg: TrainConfig, device: torch.device, *, batch: int = 64, num_steps: int = 18) -> dict[str, Any]:
-    """Images per second of Heun sampling (2N-1 evaluations) with an untrained network of the preset."""
+def sample_speed(
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    batch: int = 64,
+    num_steps: int = 18,
+    precision: str = "auto",
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Images per second of Heun sampling (2N-1 evaluations) with an untrained network of the preset, the network
+    evaluated at ``precision`` (and compiled if asked; see :class:`aotdiff.generate.PreparedDenoiser`)."""
+    from aotdiff.generate import PreparedDenoiser
+
     shape = item_shape(cfg)
     torch.manual_seed(0)
     net = Precond(build_raw_network(cfg, shape, 0)).to(device).eval()
-    latents = torch.randn((batch, *shape), device=device)
-    sample(net, latents, karras_sigmas(2))  # warm-up
-    _sync(device)
+    denoiser = PreparedDenoiser(net, precision=precision, compile=compile, device=device)
+    latents = torch.randn((batch, *shape), device=device, dtype=torch.float64)
     t0 = time.perf_counter()
-    _, nfe = sample(net, latents, karras_sigmas(num_steps))
+    sample(denoiser, latents, karras_sigmas(2))  # warm-up (and compilation)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, nfe = sample(denoiser, latents, karras_sigmas(num_steps))
     _sync(device)
     dt = time.perf_counter() - t0
     return {"preset": cfg.preset, "device": device_name(device), "batch": batch, "nfe": nfe, "img_per_s": batch / dt,
-            "ms_per_eval": 1e3 * dt / nfe}  # fmt: skip
+            "ms_per_eval": 1e3 * dt / nfe, **denoiser.describe(), "warmup_s": warmup_s}  # fmt: skip
 
 
 def as_dict(r: SpeedResult) -> dict[str, Any]:

@@ -3,19 +3,27 @@
 A thin layer over :mod:`aotdiff.sampling` that the `sample`, `fid` and `sweep` commands share: it shards seeds into
 batches, draws per-seed latents and class labels (so image k is the same whatever the batch size), runs the sampler,
 and yields uint8 NCHW images, so 50,000 samples can be streamed into metrics without touching the disk.
+
+How fast the network runs is a property of the denoiser, not of the sampler settings: :class:`PreparedDenoiser` wraps
+a denoiser to evaluate its network in bf16 (autocast) or with TF32, and optionally compiled, while the sampler's state
+and ODE arithmetic stay float64 (:func:`aotdiff.sampling.sample`). A seed means the same sample whatever the
+precision; what precision changes is the rounding inside the network, which the results record
+(:meth:`PreparedDenoiser.describe`). :func:`auto_max_batch` sizes batches to a GPU's free memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from aotdiff.sampling import SOLVERS, SeedRNG, StepInfo, karras_sigmas, sample, to_uint8
+from aotdiff.sampling import SOLVERS, Denoiser, SeedRNG, StepInfo, karras_sigmas, sample, to_uint8
 
 # More samples than one command should ever be asked for: the seed list alone would take gigabytes, so a typo such as
 # 0-999999999999 is refused at once instead of exhausting memory. Larger jobs are split into seed ranges.
@@ -69,6 +77,172 @@ class SamplerSettings:
         d = asdict(self)
         d["s_max"] = None if d["s_max"] == float("inf") else d["s_max"]  # JSON has no infinity
         return d
+
+
+# ------------------------------------------------------------------------------------------------ network numerics
+# The words of `aotdiff train --precision`, with the same meanings (one flag name, one meaning in every command).
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+# auto_max_batch: at most this many images per network call (the issue-11 sampling figures use batch 1024; beyond it
+# a GPU is saturated and only the memory grows), and at most this fraction of the free memory (cuDNN workspaces,
+# the allocator's fragmentation and the detector's own batch need the rest).
+AUTO_BATCH_CAP = 1024
+AUTO_BATCH_MEMORY_FRACTION = 0.5
+
+
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """'auto' (or None) -> 'bf16' on a CUDA device with native bf16 (Ampere and newer), else 'fp32'.
+
+    The same rule as training's default: on a CPU without bf16 matrix units bf16 is slower than fp32, and the
+    sampler state never depends on it (see :class:`PreparedDenoiser`). Explicit choices are returned as given after
+    checking them; 'bf16' on a CUDA device without native bf16 is refused rather than emulated slowly.
+    """
+    device = torch.device(device)
+    chosen = "auto" if precision is None else precision
+    if chosen not in PRECISIONS:
+        raise ValueError(f"precision (--precision) must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if chosen == "auto":
+        return "bf16" if native_bf16 else "fp32"
+    if chosen == "bf16" and device.type == "cuda" and not native_bf16:
+        raise ValueError("precision (--precision) bf16: this GPU has no native bfloat16; use fp32 or tf32")
+    return chosen
+
+
+@contextlib.contextmanager
+def network_numerics(precision: str, device_type: str) -> Iterator[None]:
+    """The numerics a network evaluation runs under, restored afterwards (sampling leaves no global state behind).
+
+    * 'fp32': true fp32 matmuls and convolutions; on CUDA, TF32 is turned off for both (PyTorch leaves it on for
+      cuDNN convolutions by default), as EDM and `aotdiff train --precision fp32` do.
+    * 'tf32': on CUDA, TF32 matmuls and convolutions (10-bit mantissa products, fp32 accumulation); elsewhere fp32.
+    * 'bf16': ``torch.autocast(bfloat16)``: matmuls, convolutions and attention in bf16 (8-bit mantissa) with fp32
+      accumulation; the network's group norms normalise in fp32; float64 tensors are never cast by autocast.
+    On CUDA, cuDNN's autotuner is on while sampling (the shapes repeat every step).
+    """
+    saved = None
+    if device_type == "cuda":
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.benchmark = True
+    try:
+        if precision == "bf16":
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        if saved is not None:
+            matmul_tf32, cudnn_tf32, benchmark = saved
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+            torch.backends.cudnn.benchmark = benchmark
+
+
+def _device_of(denoiser: Any) -> torch.device:
+    """The device of a module's first parameter (CPU for anything without parameters)."""
+    params = getattr(denoiser, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+class PreparedDenoiser:
+    """A denoiser whose network is evaluated at a chosen precision, and optionally compiled, for generation.
+
+    Called like the denoiser it wraps: ``prepared(x, sigma, labels) -> denoised``. What stays in which precision:
+
+    * the sampler (latents x sigma_max, every Euler / Heun update, churn): float64, untouched by this class;
+    * EDM's preconditioning in :class:`aotdiff.diffusion.Precond` (c_skip, c_out, c_in, c_noise, and the skip
+      connection c_skip x + c_out F): in the input's float64, which autocast never casts;
+    * the raw network F: fp32, TF32 or bf16 (see :func:`network_numerics`); its output is cast back to the input's
+      dtype before the sampler sees it.
+
+    ``precision`` is one of :data:`PRECISIONS`; 'auto' (the default, as on the command line) is bf16 on a GPU with
+    native bf16 and fp32 elsewhere (:func:`resolve_precision`). ``compile=True`` wraps the denoiser in
+    ``torch.compile`` (the wrapped module is not changed). The first call, and the first call at a new batch size,
+    compile: minutes on a CPU, worth it only for long runs on a GPU. The compiled network computes what the eager one
+    computes up to float32 rounding order (fused kernels). Wrapping a PreparedDenoiser wraps the denoiser inside it.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        *,
+        precision: str | None = "auto",
+        compile: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        inner: Denoiser = denoiser.denoiser if isinstance(denoiser, PreparedDenoiser) else denoiser
+        self.denoiser: Denoiser = inner
+        self.device = torch.device(device) if device is not None else _device_of(inner)
+        self.precision = resolve_precision(precision, self.device)
+        self.compiled = bool(compile)
+        self._network: Callable[..., torch.Tensor] = torch.compile(inner) if compile else inner
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with network_numerics(self.precision, x.device.type):
+            out = self._network(x, sigma, labels)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """What to record next to results: ``{"precision": 'fp32' | 'tf32' | 'bf16', "compile": bool}``."""
+        return {"precision": self.precision, "compile": self.compiled}
+
+
+def batch_for_memory(
+    free_bytes: int,
+    bytes_per_image: float,
+    *,
+    fraction: float = AUTO_BATCH_MEMORY_FRACTION,
+    cap: int = AUTO_BATCH_CAP,
+) -> int:
+    """Images per network call that fit in ``fraction`` of ``free_bytes``: at least 1, at most ``cap``, and a
+    multiple of 8 from 8 up (tensor-core tiles)."""
+    if bytes_per_image <= 0 or not math.isfinite(bytes_per_image):
+        raise ValueError(f"bytes_per_image must be a positive number, got {bytes_per_image!r}")
+    fits = int(max(free_bytes, 0) * fraction // bytes_per_image)
+    batch = min(cap, fits)
+    return max(1, batch - batch % 8 if batch >= 8 else batch)
+
+
+def auto_max_batch(
+    denoiser: Denoiser,
+    shape: Sequence[int],
+    device: torch.device | str,
+    *,
+    num_classes: int = 0,
+    default: int = 256,
+    probe: int = 8,
+) -> int:
+    """Images per network call for generation on ``device``: sized to free GPU memory on CUDA, ``default`` elsewhere.
+
+    On CUDA the denoiser is run once on ``probe`` images at sigma_max; its peak memory above what was allocated
+    before, per image, plus the sampler's float64 state (about 10 tensors the size of an image: x, denoised, slopes,
+    the Euler and Heun states, and the detector's input), is what one more image costs. The batch is
+    :func:`batch_for_memory` of the free memory. Results do not depend on the batch (one generator per seed).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return default
+    network = denoiser.denoiser if isinstance(denoiser, PreparedDenoiser) else denoiser
+    # Probe eagerly (a compiled network would compile for the probe's batch size, then again for the real one),
+    # at the precision that will be used: bf16 activations take half the memory.
+    precision = denoiser.precision if isinstance(denoiser, PreparedDenoiser) else "fp32"
+    eager = PreparedDenoiser(network, precision=precision, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x = torch.randn((probe, *shape), dtype=torch.float64, device=device) * 80.0
+    sigma = torch.full((probe,), 80.0, dtype=torch.float64, device=device)
+    labels = torch.zeros(probe, dtype=torch.int64, device=device) if num_classes else None
+    with torch.no_grad():
+        eager(x, sigma, labels)
+    torch.cuda.synchronize(device)
+    network_bytes = (torch.cuda.max_memory_allocated(device) - before) / probe
+    state_bytes = 10 * 8 * math.prod(shape)  # float64 sampler state per image
+    del x, sigma, labels
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free, network_bytes + state_bytes)
 
 
 @dataclass
@@ -170,6 +344,7 @@ def generate(
 
     For each seed, the latent is drawn first, then (for conditional models without a fixed class) the label, then any
     churn noise, all from that seed's own generator. ``progress(n)`` is called with the number of images finished.
+    To run the network in bf16 or compiled, pass a :class:`PreparedDenoiser`; the sampler state stays float64.
     """
     settings = settings or SamplerSettings()
     if batch_size < 1:

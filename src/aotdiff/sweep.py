@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from aotdiff.generate import GeneratedBatch, SamplerSettings, generate
+from aotdiff.generate import GeneratedBatch, PreparedDenoiser, SamplerSettings, generate
 from aotdiff.metrics import curvature_report
 from aotdiff.metrics.quality import (
     DEFAULT_NUM,
@@ -148,6 +148,10 @@ class SweepRun:
     # Discriminator Guidance for this run (an aotdiff.guidance.DiscriminatorGuidance, or None): each guided cell uses
     # a copy of it with the cell's weight, so the object itself is never changed.
     guidance: Any = None
+    # The denoiser of the curvature report (None: ``denoiser``). `aotdiff sweep` passes the fp32 network here when the
+    # cells run in bf16 / TF32: the report differences slopes between neighbouring levels of a 256-step grid, and
+    # reduced-precision rounding in every slope would be measured as curvature.
+    curvature_denoiser: Any = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,8 @@ class SweepRow:
     """One cell: a run sampled with (solver, steps, rho, DG weight) and scored. ``nfe`` is counted, not predicted.
 
     ``nfe`` counts score-network evaluations only; ``discriminator_evals`` counts the discriminator gradients per
-    sample beside it (0 in unguided cells, ``dg_weight`` 0).
+    sample beside it (0 in unguided cells, ``dg_weight`` 0). When the run's denoiser is a
+    :class:`aotdiff.generate.PreparedDenoiser`, ``info`` also holds its ``precision`` and ``compile``.
     """
 
     run: str
@@ -247,6 +252,11 @@ def _guided(guidance: Any, weight: float | None) -> tuple[Any, float]:
     return cell, w
 
 
+def _network(denoiser: Any) -> dict[str, Any]:
+    """``{"precision", "compile"}`` of a :class:`PreparedDenoiser`; nothing for a plain denoiser."""
+    return denoiser.describe() if isinstance(denoiser, PreparedDenoiser) else {}
+
+
 def _seeds_of(seeds: Sequence[int] | Mapping[str, Sequence[int]], label: str) -> list[int]:
     chosen = seeds[label] if isinstance(seeds, Mapping) else seeds
     out = [int(s) for s in chosen]
@@ -294,6 +304,8 @@ def run_sweep(
     reports: dict[str, dict[str, Any]] = {}
     for run in runs:
         run_seeds = _seeds_of(seeds, run.label)
+        # Every number is recorded with the numerics of the network that made it.
+        info = {**run.info, **_network(run.denoiser)}
         weights: Sequence[float | None] = [None] if run.guidance is None or dg_weights is None else dg_weights
         for weight in weights:
             for solver, n_steps, rho in cells:
@@ -318,18 +330,20 @@ def run_sweep(
                 # a batch whose flagged samples sit higher may need one more near the window's edge: the largest.)
                 rows.append(
                     SweepRow(run.label, run.quality.name, solver, n_steps, rho, nfes[0], value, len(run_seeds),
-                             dict(run.info), dg_weight=w, discriminator_evals=max(dg_evals))
+                             dict(info), dg_weight=w, discriminator_evals=max(dg_evals))
                 )  # fmt: skip
         if curvature is not None:
             if on_cell is not None:
                 on_cell(f"{run.label}: curvature ({curvature.num} trajectories)")
             first = run_seeds[0]
+            curvature_net = run.curvature_denoiser if run.curvature_denoiser is not None else run.denoiser
             reports[run.label] = curvature_report(
-                run.denoiser, run.shape, range(first, first + curvature.num), num_classes=run.num_classes,
+                curvature_net, run.shape, range(first, first + curvature.num), num_classes=run.num_classes,
                 class_label=class_label, fine_steps=curvature.fine_steps, rho=curvature.rho,
                 truncation_steps=curvature.truncation_steps, sigma_min=base.sigma_min, sigma_max=base.sigma_max,
                 batch_size=batch_size, device=device, progress=_scaled(progress, curvature.cost()),
             )  # fmt: skip
+            reports[run.label].update(_network(curvature_net))
     # JSON has no infinity (s_max defaults to inf): written as the string "inf", as on the command line
     shared = {
         k: "inf" if v == float("inf") else v for k, v in asdict(base).items() if k not in ("steps", "rho", "solver")

@@ -9,6 +9,7 @@ from typing import Any
 from aotdiff.cli.common import (
     add_device_flag,
     add_max_batch_flag,
+    add_network_flags,
     add_renamed_flag,
     add_steps_flag,
     check_positive,
@@ -68,6 +69,7 @@ def register(sub: Any) -> None:
     _add_preset_flag(s)
     add_steps_flag(s)
     add_max_batch_flag(s, default=64)
+    add_network_flags(s)
     add_device_flag(s)
     s.add_argument("--json", action="store_true", help="print JSON (the default and only format for sample)")
     s.set_defaults(run=run)
@@ -102,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         check_positive(args.steps, "--steps")
         check_positive(args.max_batch, "--max-batch")
         cfg = preset_config(args.preset, **synthetic)
+        configure_threads(0)
         device = pick_device(args.device)
-        print(json.dumps(sample_speed(cfg, device, batch=args.max_batch, num_steps=args.steps)))
+        speed = sample_speed(
+            cfg, device, batch=args.max_batch, num_steps=args.steps, precision=args.precision, compile=args.compile
+        )
+        print(json.dumps(speed))
     return 0

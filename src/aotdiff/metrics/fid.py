@@ -4,7 +4,8 @@
 * :class:`FeatureStats` — running sum and sum of outer products in float64, so 50,000 images never have to be held
   at once and per-device statistics can be summed across processes (the same arithmetic as EDM's ``fid.py``).
 * :func:`frechet_distance` — ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, "GANs trained by a
-  two time-scale update rule converge to a local Nash equilibrium").
+  two time-scale update rule converge to a local Nash equilibrium"); the trace of the root exactly, from the
+  eigenvalues of a symmetric PSD matrix with the spectrum of S1 S2 (about 2 s for 2048 features on one core).
 * :func:`kid` — unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets (Binkowski et al. 2018,
   "Demystifying MMD GANs").
 * :func:`precision_recall` — k-NN manifold estimates (Kynkäänniemi et al. 2019, "Improved precision and recall metric
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 import torch
 
 __all__ = [
@@ -175,6 +176,11 @@ def _batch_images(batch: Any) -> torch.Tensor:
     return batch.images if hasattr(batch, "images") else batch
 
 
+# Images per detector call in compute_stats: Inception-v3 works at 299 x 299 px, so a generator batch sized for a
+# 32 x 32 diffusion network would not fit a GPU's memory in one call. 256 is the default --max-batch of every command.
+DETECTOR_BATCH = 256
+
+
 def compute_stats(
     image_batches: Iterable[Any],
     detector: Detector,
@@ -182,6 +188,7 @@ def compute_stats(
     keep: int = 0,
     max_items: int | None = None,
     progress: Callable[[int], None] | None = None,
+    detector_batch: int = DETECTOR_BATCH,
 ) -> FeatureStats:
     """Stream image batches through a detector into :class:`FeatureStats`.
 
@@ -191,6 +198,9 @@ def compute_stats(
         keep: also store the first ``keep`` raw features (for :func:`kid` / :func:`precision_recall`).
         max_items: stop after this many images (the last batch is truncated).
         progress: called with the number of images processed in each batch.
+        detector_batch: the detector sees at most this many images at a time. A generator batch sized to the GPU
+            memory for the diffusion network (up to 1024 images, :func:`aotdiff.generate.auto_max_batch`) can be
+            more than Inception-v3 at 299 x 299 fits in; the features, one per image, do not depend on it.
     """
     stats = FeatureStats(keep=keep)
     for batch in image_batches:
@@ -200,7 +210,8 @@ def compute_stats(
         if images.shape[0] == 0:
             break
         with torch.no_grad():
-            stats.update(detector.features(images))
+            for start in range(0, images.shape[0], detector_batch):
+                stats.update(detector.features(images[start : start + detector_batch]))
         if progress is not None:
             progress(int(images.shape[0]))
         if max_items is not None and stats.count >= max_items:
@@ -215,16 +226,91 @@ def _check_moments(mu: np.ndarray, sigma: np.ndarray, which: str) -> None:
         raise ValueError(f"{which}: statistics contain NaN or infinity")
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
-) -> float:
+def _check_symmetric(sigma: np.ndarray, which: str) -> None:
+    """Refuse a matrix that is not symmetric up to round-off.
+
+    The factorisations below read one triangle only, so an unsymmetric input (a corrupted or mislabelled array) would
+    otherwise be scored silently as another matrix. The test compares S v with S^T v for a fixed random v (a
+    non-zero S - S^T moves a random vector with probability 1): two matrix-vector products instead of a transposed
+    copy of a 2048 x 2048 matrix, which costs more than the Cholesky factorisation. 1e-6 of ||S|| ||v|| is far above
+    the round-off of a covariance summed in float64 (~1e-13) and far below any real asymmetry.
+    """
+    probe = np.random.default_rng(0).standard_normal(sigma.shape[0])
+    gap = float(np.linalg.norm(sigma @ probe - probe @ sigma))
+    if gap > 1e-6 * float(np.linalg.norm(sigma)) * float(np.linalg.norm(probe)):
+        raise ValueError(f"{which}: sigma is not symmetric, so it is not a covariance matrix")
+
+
+def _cholesky_factor(sigma: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor L (L L^T = sigma), or None when sigma is not numerically positive definite.
+
+    A singular covariance (dead features, fewer samples than dimensions) fails, and the caller falls back to the
+    eigendecomposition. ``sigma.T`` is the same (symmetric) matrix in the column-major order LAPACK reads, so no
+    transposed copy is made.
+    """
+    try:
+        return scipy.linalg.cholesky(sigma.T, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, exactly, in float64.
+
+    For any factor S1 = F F^T, S1 S2 = F (F^T S2) has the same non-zero eigenvalues as the symmetric PSD matrix
+    M = F^T S2 F (AB and BA share them), and (S1 S2)^(1/2) is the root whose eigenvalues are their square roots, so
+    tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)). F is the Cholesky factor of S1, or of S2 (the trace is symmetric in
+    S1 and S2) when S1 is singular; when both are, F = V_+ diag(lambda_+)^(1/2) from the eigendecomposition of S1,
+    keeping its positive eigenvalues (the tiny negative ones of rounding are zeros). Eigenvalues of M that rounding
+    makes slightly negative are clipped to 0; clearly negative ones mean an input was not PSD and are refused.
+
+    Cost for D = 2048 on one core: Cholesky 0.2 s, two triangular products 0.5 s, eigenvalues only 1.0 s, against
+    20-28 s for scipy's general ``sqrtm`` of the non-symmetric product (CPU time, one thread, issue 11).
+    """
+    if not (sigma1.any() and sigma2.any()):  # a point mass: the product is 0 (and no factorisation is needed)
+        return 0.0
+    first, second = sigma1, sigma2
+    factor = _cholesky_factor(first)
+    if factor is None:
+        first, second = sigma2, sigma1
+        factor = _cholesky_factor(first)
+    if factor is not None:
+        # M = L^T S L with L lower triangular: two triangular products, half the flops of two general ones. The
+        # symmetric S is passed as S.T, its column-major view, so BLAS gets it without a transposed copy.
+        blas = scipy.linalg.blas
+        right = blas.dtrmm(1.0, factor, second.T, side=1, lower=1)  # S L
+        m = blas.dtrmm(1.0, factor, right, side=0, lower=1, trans_a=1, overwrite_b=1)  # L^T (S L)
+    else:
+        values, vectors = np.linalg.eigh(sigma1)
+        keep = values > 0
+        f = vectors[:, keep] * np.sqrt(values[keep])
+        m = f.T @ sigma2 @ f
+    if m.size == 0:  # S1 has no positive eigenvalue: the product is 0
+        return 0.0
+    # eigvalsh reads one triangle: M is symmetric up to round-off, which only moves its eigenvalues by round-off.
+    eigenvalues = np.linalg.eigvalsh(m)
+    # Round-off in M is about D * 2^-52 * ||S1|| ||S2||; 1e-6 of the Frobenius norms is far above it, and a matrix
+    # with an eigenvalue that negative is not a product of covariances.
+    tolerance = 1e-6 * float(np.linalg.norm(sigma1)) * float(np.linalg.norm(sigma2))
+    if float(eigenvalues[0]) < -tolerance:
+        raise ValueError(
+            "the covariances are not positive semi-definite (the product has an eigenvalue of "
+            f"{float(eigenvalues[0]):.3g}); they cannot be the statistics of features"
+        )
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2), squared units.
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
 
-    The matrix square root is scipy's ``sqrtm``. As in the reference implementations (TTUR, pytorch-fid), if the
-    product is singular enough that the root is not finite, ``eps`` is added to both diagonals; a complex root from
-    round-off is accepted only when its imaginary part is negligible (diagonal within 1e-3), and then discarded.
+    The trace of the root is computed exactly from the eigenvalues of a symmetric PSD matrix with the same spectrum
+    as sigma1 sigma2 (see :func:`_trace_sqrt_product`), all in float64: no matrix square root, no complex round-off
+    and no regularisation is needed, singular covariances included (2048-d Inception features from fewer than 2048
+    images). It agrees with scipy's ``sqrtm``-based value of the reference implementations (TTUR, pytorch-fid, EDM)
+    to round-off, and takes about 2 s instead of 20-28 s for 2048 features on one CPU core. (The ``eps`` keyword of
+    the sqrtm version, a diagonal offset tried when that root was not finite, is gone: nothing here needs it.)
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -232,25 +318,11 @@ def frechet_distance(
     _check_moments(mu2, sigma2, "second statistics")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature lengths differ: {mu1.shape[0]} vs {mu2.shape[0]} (were both made by one detector?)")
+    _check_symmetric(sigma1, "first statistics")
+    _check_symmetric(sigma2, "second statistics")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # Singular products are expected (dead ReLU features, fewer samples than dimensions); the result is checked
-        # for finiteness and for a significant imaginary part below instead.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        largest = float(np.max(np.abs(np.diagonal(covmean).imag)))
-        if largest > 1e-3:
-            raise ValueError(
-                f"the covariance product has a significant imaginary square root (|imag| up to {largest:.3g}); "
-                "the statistics are probably too few samples for this feature length"
-            )
-        covmean = covmean.real
-    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
-    return float(np.real(value))
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2)
+    return float(value)
 
 
 def fid_from_stats(stats: FeatureStats, reference: ReferenceStats | FeatureStats) -> float:

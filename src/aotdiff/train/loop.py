@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from aotdiff.coupling import GATE_PURPOSE, PairedBatchStream, PoolDraw, SigmaGate, make_coupler
 from aotdiff.data import AugmentPipe, ImageDataset, ToyDataset, load_dataset
 from aotdiff.diffusion import Precond, edm_loss, sample_sigma
-from aotdiff.generate import SamplerSettings, generate
+from aotdiff.generate import SamplerSettings, generate, resolve_precision
 from aotdiff.nets import build_network, count_parameters
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.config import (
@@ -515,16 +515,6 @@ def train(
     """
     with Trainer(cfg, run_dir, force=force, restart=restart, progress=progress, keep_going=keep_going, log=log) as t:
         return t.run(max_steps=max_steps)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on a CUDA device with bf16 support (Ampere and newer: ~3x EDM's fp32 speed, see
-    docs/performance.md), else 'fp32' (on a CPU without bf16 matrix units, bf16 is 10x slower, measured)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return "bf16"
-    return "fp32"
 
 
 def precision_context(precision: str, device: torch.device) -> Callable[[], Any]:
