@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_configure_threads_explicit_then_environment_then_load(monkeypatch):
         assert cpu.configure_threads(0) == 2 and torch.get_num_threads() == 2
         monkeypatch.setattr(cpu, "machine_load", lambda: 1.8)
         assert cpu.configure_threads(0) == 1
-        assert "load is 1.8" in cpu.threads_note(0, 1) and cpu.threads_note(2, 2) == ""
+        assert "other jobs keep about 1 busy" in cpu.threads_note(0, 1) and cpu.threads_note(2, 2) == ""
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert cpu.configure_threads(0) == 2  # the user's environment beats the load rule
     finally:
@@ -59,3 +60,18 @@ def test_the_cli_asks_for_passive_waiting_before_torch_loads_unless_the_user_cho
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "torch loaded: False"
     assert cpu.prefer_passive_waiting() is False  # torch is loaded in this process: too late, nothing is changed
+
+
+def test_machine_load_counts_busy_cores_now():
+    """A busy process beside us shows as about one busy core (the sample is current, not a 1-minute average)."""
+    if cpu._cpu_times() is None:
+        pytest.skip("no /proc/stat on this platform")
+    code = "import time\nt = time.time()\nwhile time.time() - t < 3: pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.5)
+        loaded = cpu.machine_load(0.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert loaded >= 0.6  # at least most of one core (other test workers may add more)

@@ -9,8 +9,8 @@ slowest thread, and a small model can run 10-50x slower (measured here: the digi
 * passive waiting (``OMP_WAIT_POLICY=PASSIVE``): an idle thread sleeps at once. libgomp reads the variable when it is
   loaded, i.e. when torch is imported, so :func:`prefer_passive_waiting` must run before ``import torch`` (the
   ``aotdiff`` command does it first thing; Python users can export the variable themselves);
-* a thread count chosen from the load (:func:`auto_threads`): the cores this process may use minus the run-queue
-  length the machine already has (the 1-minute load average), at least 1.
+* a thread count chosen from the load (:func:`auto_threads`): the cores this process may use minus the cores other
+  processes keep busy right now (:func:`machine_load`, a quarter-second sample of /proc/stat), at least 1.
 
 An explicit ``--threads N`` (or ``OMP_NUM_THREADS``) always wins; docs/performance.md has the measurements.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def prefer_passive_waiting() -> bool:
@@ -39,8 +40,28 @@ def available_cores() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-def machine_load() -> float:
-    """Runnable processes averaged over the last minute (0 where the OS does not say)."""
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat (Linux), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_load(window_s: float = 0.25) -> float:
+    """How many cores other processes keep busy now: the busy fraction of all CPUs over ``window_s`` seconds
+    (/proc/stat) times the CPU count. Measured now rather than the 1-minute load average, which still counts a job
+    (e.g. the `pip install` just before a quick start) for a minute after it ended. Falls back to the load average."""
+    first = _cpu_times()
+    if first is not None:
+        time.sleep(window_s)
+        second = _cpu_times()
+        if second is not None and second[1] > first[1]:
+            busy = (second[0] - first[0]) / (second[1] - first[1])
+            return max(busy, 0.0) * (os.cpu_count() or 1)
     try:
         return max(os.getloadavg()[0], 0.0)
     except (AttributeError, OSError):
@@ -77,7 +98,4 @@ def threads_note(requested: int, used: int) -> str:
     cores = available_cores()
     if requested > 0 or used >= cores or os.environ.get("OMP_NUM_THREADS"):
         return ""
-    return (
-        f"CPU threads: {used} of {cores} cores (the machine's load is {machine_load():.1f}; other jobs are running); "
-        "--threads N chooses"
-    )
+    return f"CPU threads: {used} of {cores} cores (other jobs keep about {cores - used} busy); --threads N chooses"
