@@ -15,7 +15,18 @@ from aotdiff import cpu
 
 @pytest.mark.parametrize(
     ("cores", "load", "expected"),
-    [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 2.0, 1), (2, 7.5, 1), (16, 3.2, 13), (16, 0.0, 16), (1, 0.0, 1)],
+    [
+        (2, 0.0, 2),
+        (2, 0.4, 2),
+        (2, 0.6, 2),
+        (2, 1.2, 1),
+        (2, 1.0, 1),
+        (2, 2.0, 1),
+        (2, 7.5, 1),
+        (16, 3.2, 13),
+        (16, 0.0, 16),
+        (1, 0.0, 1),
+    ],
 )
 def test_auto_threads_takes_the_free_cores_and_at_least_one(cores, load, expected):
     assert cpu.auto_threads(cores, load) == expected

@@ -10,13 +10,14 @@ slowest thread, and a small model can run 10-50x slower (measured here: the digi
   loaded, i.e. when torch is imported, so :func:`prefer_passive_waiting` must run before ``import torch`` (the
   ``aotdiff`` command does it first thing; Python users can export the variable themselves);
 * a thread count chosen from the load (:func:`auto_threads`): the cores this process may use minus the cores other
-  processes keep busy right now (:func:`machine_load`, a quarter-second sample of /proc/stat), at least 1.
+  processes keep busy right now (:func:`machine_load`, a half-second sample of /proc/stat), at least 1.
 
 An explicit ``--threads N`` (or ``OMP_NUM_THREADS``) always wins; docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -51,7 +52,7 @@ def _cpu_times() -> tuple[float, float] | None:
     return sum(fields) - idle, sum(fields)
 
 
-def machine_load(window_s: float = 0.25) -> float:
+def machine_load(window_s: float = 0.5) -> float:
     """How many cores other processes keep busy now: the busy fraction of all CPUs over ``window_s`` seconds
     (/proc/stat) times the CPU count. Measured now rather than the 1-minute load average, which still counts a job
     (e.g. the `pip install` just before a quick start) for a minute after it ended. Falls back to the load average."""
@@ -71,9 +72,10 @@ def machine_load(window_s: float = 0.25) -> float:
 def auto_threads(cores: int, load: float) -> int:
     """Threads for a process arriving on ``cores`` cores that already carry ``load`` runnable processes.
 
-    The cores left free, rounded to the nearest whole core, at least 1: 2 idle cores -> 2; 2 cores beside one busy
-    single-threaded job (load ~1) -> 1; beside two -> 1."""
-    return max(1, min(cores, int(cores - load + 0.5)))
+    The cores left free, rounded up once at least a quarter of a core is free (a transient blip, such as a process
+    that just exited, should not cost a whole thread for the entire run), at least 1: 2 idle cores -> 2; 2 cores
+    with 0.6 busy -> 2; beside one busy single-threaded job (load ~1) -> 1; beside two -> 1."""
+    return max(1, min(cores, math.ceil(cores - load - 0.25)))
 
 
 def configure_threads(requested: int = 0) -> int:
