@@ -175,7 +175,9 @@ def test_sweep_command_dg_weights(toy_dg, tmp_path, capsys):
     run, disc = toy_dg
     common = ["sweep", str(run), "--steps", "3", "--rho", "7", "--seeds", "0-39", "--no-curvature", "--no-progress",
               "--device", "cpu"]  # fmt: skip
-    assert main([*common, "--dg", str(disc), "--dg-weight", "0,1", "--out", str(tmp_path / "g")]) == 0
+    # 3 steps evaluate at sigma 80, 2.5 and 0.002: outside the 2-D discriminator's recorded window (sigma <= 1)
+    guide_all = ["--dg-sigma-max", "100"]
+    assert main([*common, "--dg", str(disc), "--dg-weight", "0,1", *guide_all, "--out", str(tmp_path / "g")]) == 0
     assert main([*common, "--out", str(tmp_path / "p")]) == 0
     guided, plain = _table(tmp_path / "g"), _table(tmp_path / "p")
     assert [float(r["dg_weight"]) for r in guided] == [0.0, 1.0] and plain[0]["dg_weight"] == "0"
@@ -183,7 +185,7 @@ def test_sweep_command_dg_weights(toy_dg, tmp_path, capsys):
     assert guided[1]["value"] != plain[0]["value"] and guided[1]["nfe"] == plain[0]["nfe"] == "5"
     # the counted discriminator gradients are those of the same guided sampler run directly
     model = load_model(run)
-    direct = DiscriminatorGuidance(load_discriminator(disc), weight=1.0)
+    direct = DiscriminatorGuidance(load_discriminator(disc), weight=1.0, sigma_max=100)
     (batch,) = generate(model.denoiser, range(40), model.shape, settings=SamplerSettings(steps=3), guidance=direct,
                         batch_size=256)  # fmt: skip
     assert int(guided[1]["discriminator_evals"]) == direct.evaluations > 0
@@ -191,7 +193,7 @@ def test_sweep_command_dg_weights(toy_dg, tmp_path, capsys):
     assert float(guided[1]["value"]) == pytest.approx(sliced_wasserstein2(batch.raw.numpy(), reference), rel=1e-9)
     saved = json.loads((tmp_path / "g" / "sweep.json").read_text())
     assert saved["settings"]["guidance"]["toy"] == {"discriminator": str(disc), "weight2": 0.0, "boost": False,
-                                                    "weights": [0.0, 1.0]}  # fmt: skip
+                                                    "sigma_max": pytest.approx(100), "weights": [0.0, 1.0]}  # fmt: skip
     assert saved["settings"]["guidance"] is not None and json.loads(
         (tmp_path / "p" / "sweep.json").read_text())["settings"]["guidance"] is None  # fmt: skip
     assert "| DG w |" in (tmp_path / "g" / "table.md").read_text()
@@ -217,7 +219,8 @@ def test_curvature_command_with_dg(toy_dg, tmp_path, capsys):
     plain = json.loads((tmp_path / "p.json").read_text())
     guided = json.loads((tmp_path / "g.json").read_text())
     assert plain["guidance"] is None
-    assert guided["guidance"] == {"discriminator": str(disc), "weight": 1.0, "weight2": 0.0, "boost": False}
+    assert guided["guidance"] == {"discriminator": str(disc), "weight": 1.0, "weight2": 0.0, "boost": False,
+                                  "sigma_max": 1.0}  # fmt: skip
     assert guided["discriminator_evals"] > 0 and guided["nfe"] == plain["nfe"]
     assert guided["curvature"] != plain["curvature"]
     assert guided["truncation_error"] != plain["truncation_error"]

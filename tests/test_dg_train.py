@@ -114,8 +114,37 @@ def test_cli_dg_train_then_guided_sampling(toy_run, tmp_path, capsys):
         meta = json.loads(str(f["meta"]))
         assert f["points"].shape == (8, 2)
     assert meta["nfe"] == 7 and meta["discriminator_evals"] > 0 and meta["guidance"]["weight"] == 1.0
+    assert meta["guidance"]["sigma_max"] == pytest.approx(1.0)  # recorded with the 2-D discriminator
+    assert main(["sample", str(toy_run), "--dg", str(disc), "--dg-sigma-max", "5", "--steps", "4", "--seeds", "0-7",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    with np.load(out) as f:
+        assert json.loads(str(f["meta"]))["guidance"]["sigma_max"] == pytest.approx(5.0)
+    assert main(["sample", str(toy_run), "--dg", str(disc), "--dg-sigma-max", "0.01", "--out", str(out)]) == 2
+    assert "--dg-sigma-max must be a number > 0.04" in capsys.readouterr().err
     assert main(["sample", str(toy_run), "--dg", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["dg", "--help"])
     assert "train" in capsys.readouterr().out
+
+
+def test_head_average_is_what_guidance_uses_and_resumes_exactly(toy_run, tmp_path):
+    """--ema-kimg: the averaged head goes in the checkpoint's ema slot; load_discriminator(folder) guides with it."""
+    _shifted_fakes(toy_run, tmp_path / "fakes.npz")
+    cfg = DGConfig(base=str(toy_run), fakes=str(tmp_path / "fakes.npz"), kimg=1.024, batch=128, ema_kimg=0.5,
+                   device="cpu", tick_kimg=0.128, snapshot_kimg=0.512)  # fmt: skip
+    full = train_discriminator(cfg, tmp_path / "full", progress=False)
+    train_discriminator(cfg, tmp_path / "cut", progress=False, max_steps=3)
+    second = train_discriminator(cfg, tmp_path / "cut", progress=False)
+    assert second.nimg == full.nimg
+    a, b = ckpt_io.load_latest(tmp_path / "full"), ckpt_io.load_latest(tmp_path / "cut")
+    assert a.ema and set(a.ema) == {k for k in a.model if k.startswith("head.")}
+    for k in a.ema:
+        torch.testing.assert_close(a.ema[k], b.ema[k], rtol=0, atol=1e-6)
+    disc = load_discriminator(tmp_path / "full")
+    head = {f"head.{k}": v for k, v in disc.head.state_dict().items()}
+    moved = [k for k in a.ema if not torch.equal(a.ema[k], a.model[k])]
+    assert moved  # the average differs from the last weights ...
+    for k in a.ema:  # ... and it is what guidance uses
+        torch.testing.assert_close(head[k], a.ema[k], rtol=0, atol=0)
+    assert disc.guide_sigma_max == 1.0

@@ -127,3 +127,33 @@ def test_boosting_churns_only_flagged_samples_and_stays_reproducible_per_seed():
     moved = (boosted_a - no_boost).abs().amax(1) > 1e-9  # boosting moved exactly the samples it flagged
     assert moved.any() and torch.equal(moved, Recording.flagged), (moved, Recording.flagged)
     assert evals > 0 and not torch.equal(no_boost, plain)
+
+
+def linear_logit(x, sigma, labels=None):
+    """r(x) = x . (1, 2, ...): its gradient is the same everywhere, so the correction is w sigma^2 (1, 2, ...)."""
+    return (x.double() * torch.arange(1, x.shape[1] + 1, dtype=torch.float64)).sum(1)
+
+
+@pytest.mark.parametrize("how", ["sigma_max", "recorded"])
+def test_the_guidance_window_ends_at_sigma_max(how):
+    """Guidance acts at sigma <= sigma_max only, whether asked for or recorded with the discriminator."""
+    if how == "sigma_max":
+        g = DiscriminatorGuidance(linear_logit, weight=2.0, sigma_max=1.0)
+    else:
+        linear_logit.guide_sigma_max = 1.0  # what `aotdiff dg train` records for 2-D point discriminators
+        try:
+            g = DiscriminatorGuidance(linear_logit, weight=2.0)
+        finally:
+            del linear_logit.guide_sigma_max
+    assert g.time_max == pytest.approx(float(vp_time(1.0)), rel=1e-12)
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    denoised = torch.zeros_like(x)
+    for s in (0.5, 0.99, 1.01, 5.0):
+        out = g(x, torch.tensor(s, dtype=torch.float64), denoised, None, "euler")
+        expected = 2.0 * s**2 * torch.tensor([1.0, 2.0], dtype=torch.float64) if s <= 1 else torch.zeros(2)
+        torch.testing.assert_close(out, expected.expand(3, 2).double(), rtol=1e-6, atol=0)
+    assert DiscriminatorGuidance(linear_logit).time_max == 1.0  # nothing recorded: DG's window (sigma <= ~152)
+    with pytest.raises(ValueError, match="not both"):
+        DiscriminatorGuidance(linear_logit, time_max=0.5, sigma_max=1.0)
+    with pytest.raises(ValueError, match="time_min < time_max"):
+        DiscriminatorGuidance(linear_logit, sigma_max=0.01)  # below DG's lower end (sigma ~0.0447)

@@ -144,6 +144,9 @@ def add_dg_flags(p: argparse.ArgumentParser) -> None:
                    "(default: 2 for unconditional models, 1 for conditional ones, as DG)")  # fmt: skip
     g.add_argument("--dg-weight2", type=float, default=0.0, metavar="W2", help="guidance weight on the Heun "
                    "correction (default: 0, as DG)")  # fmt: skip
+    g.add_argument("--dg-sigma-max", type=float, default=None, metavar="S", help="apply the guidance only while "
+                   "sigma <= S (default: what `aotdiff dg train` recorded with the discriminator: 1 for 2-D points; "
+                   "DG's window, VP time <= 1 or sigma <= ~152, for images)")  # fmt: skip
     g.add_argument("--dg-boost", action=argparse.BooleanOptionalAction, default=None, help="DG's boosting: samples "
                    "judged fake get churn every 5th step and double guidance every 2nd (default: on for conditional "
                    "models, off otherwise)")  # fmt: skip
@@ -163,7 +166,8 @@ def guidance_from_args(args: argparse.Namespace, num_classes: int, device: torch
         raise UserError(f"--dg {args.dg} is class-conditional but the model is not")
     weight = args.dg_weight if args.dg_weight is not None else (1.0 if cond else 2.0)
     boost = args.dg_boost if args.dg_boost is not None else cond
-    return DiscriminatorGuidance(disc, weight=weight, weight2=args.dg_weight2, boost=boost)
+    return DiscriminatorGuidance(disc, weight=weight, weight2=args.dg_weight2, boost=boost,
+                                 sigma_max=getattr(args, "dg_sigma_max", None))  # fmt: skip
 
 
 def guidance_meta(guidance: Any, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -171,7 +175,7 @@ def guidance_meta(guidance: Any, args: argparse.Namespace) -> dict[str, Any] | N
     if guidance is None:
         return None
     return {"discriminator": str(args.dg), "weight": guidance.weight, "weight2": guidance.weight2,
-            "boost": guidance.boost}  # fmt: skip
+            "boost": guidance.boost, "sigma_max": guidance.sigma_max}  # fmt: skip
 
 
 def check_dg_flags(args: argparse.Namespace) -> None:
@@ -182,6 +186,13 @@ def check_dg_flags(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{flag} must be a finite number >= 0, got {value}")
+    sigma_max = getattr(args, "dg_sigma_max", None)
+    if sigma_max is not None:
+        from aotdiff.guidance.vp import edm_sigma
+
+        low = float(edm_sigma(0.01))  # DG's window starts at VP time 0.01
+        if not (math.isfinite(sigma_max) and sigma_max > low):
+            raise UserError(f"--dg-sigma-max must be a number > {low:.4f} (where DG's window starts), got {sigma_max}")
     if getattr(args, "dg", None) is not None and not Path(args.dg).exists():
         raise UserError(f"--dg {args.dg}: no such file or directory (train one with `aotdiff dg train RUN --out DISC`)")
 

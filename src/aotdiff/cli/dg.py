@@ -11,7 +11,7 @@ from typing import Any
 from aotdiff.cli.common import DEVICE_HELP, MAX_BATCH_HELP, add_progress_flag, add_run_dir_flags, exit_status
 
 # Flag names of DGConfig fields that differ from "--field-name".
-_FLAGS = {"extractor": "--dg-extractor", "classifier": "--classifier"}
+_FLAGS = {"extractor": "--dg-extractor", "classifier": "--classifier", "guide_sigma_max": "--dg-sigma-max"}
 _HELP = {"device": DEVICE_HELP, "max_batch": MAX_BATCH_HELP}
 
 

@@ -26,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from aotdiff.guidance.vp import vp_time
+from aotdiff.guidance.vp import edm_sigma, vp_time
+
+DG_TIME_MAX = 1.0  # DG's window ends at VP time 1 (sigma ~152)
 
 # A logit function: (x [B, ...] float32, sigma [B] float32, labels or None) -> logit of "real" [B].
 LogitFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -41,7 +43,10 @@ class DiscriminatorGuidance:
         weight: w on the Euler slope (DG: 2 unconditional, 1 conditional with boosting).
         weight2: w on the Heun correction (DG: 0, so about half the guidance survives Heun's average).
         boost: DG's boosting of samples the discriminator finds fake.
-        time_min, time_max: guidance is applied while tau(sigma) is in this window (DG: 0.01 to 1, sigma >~ 0.045).
+        time_min, time_max: guidance is applied while tau(sigma) is in this window (DG: 0.01 to 1, sigma ~0.045 to
+            ~152). ``time_max`` None: tau(sigma_max) when ``sigma_max`` is given, else the discriminator's own
+            ``guide_sigma_max`` (what `aotdiff dg train` recorded, e.g. 1 for 2-D points), else DG's 1.
+        sigma_max: the upper end of the window in EDM sigma (an alternative to ``time_max``).
 
     ``evaluations`` counts discriminator gradients (reported beside the score network's NFE).
     """
@@ -54,7 +59,8 @@ class DiscriminatorGuidance:
         weight2: float = 0.0,
         boost: bool = False,
         time_min: float = 0.01,
-        time_max: float = 1.0,
+        time_max: float | None = None,
+        sigma_max: float | None = None,
         clip: float = 1e-5,
         boost_churn: float = 4.0,
         boost_period: int = 5,
@@ -63,6 +69,21 @@ class DiscriminatorGuidance:
         for name, value in (("weight", weight), ("weight2", weight2), ("time_min", time_min)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"discriminator guidance: {name} must be a finite number >= 0, got {value}")
+        if time_max is not None and sigma_max is not None:
+            raise ValueError("discriminator guidance: give time_max or sigma_max, not both")
+        if sigma_max is None and time_max is None:
+            sigma_max = getattr(discriminator, "guide_sigma_max", None)
+        if sigma_max is not None:
+            if not (math.isfinite(sigma_max) and sigma_max > 0):
+                raise ValueError(f"discriminator guidance: sigma_max must be a finite number > 0, got {sigma_max}")
+            time_max = float(vp_time(float(sigma_max)))
+        time_max = DG_TIME_MAX if time_max is None else time_max
+        # the window's upper end in EDM sigma, as given when given (reported next to results)
+        self.sigma_max = float(sigma_max) if sigma_max is not None else float(edm_sigma(time_max))
+        if not 0 <= time_min < time_max:
+            raise ValueError(
+                f"discriminator guidance: the window needs time_min < time_max, got {time_min}, {time_max}"
+            )
         if not 0 < clip < 0.5:
             raise ValueError(f"discriminator guidance: clip must lie in (0, 0.5), got {clip}")
         self.discriminator = discriminator

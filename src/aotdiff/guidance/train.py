@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import ImageDataset, load_dataset
 from aotdiff.generate import SamplerSettings, generate
-from aotdiff.guidance.discriminator import Discriminator, build_discriminator, default_kind
+from aotdiff.guidance.discriminator import POINT_GUIDE_SIGMA_MAX, Discriminator, build_discriminator, default_kind
 from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, sample_dg_sigma
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.checkpoint import LoadedModel, load_model
+from aotdiff.train.ema import EMA, ema_beta
 from aotdiff.train.randomness import EpochOrder, keyed_generator
 from aotdiff.train.runloop import RunLoop, gather_object
 
@@ -57,6 +58,10 @@ class DGConfig:
     extractor: str = _f("auto", "feature extractor: auto, adm32 (needs --classifier), denoiser (the base model's "
                         "encoder) or mlp (2-D data); auto = mlp for points, adm32 for 32x32 RGB with --classifier, "
                         "else denoiser")  # fmt: skip
+    guide_sigma_max: float = _f(0.0, "largest sigma at which sampling applies this discriminator's guidance, recorded "
+                                "with it (the same flag of `aotdiff sample` overrides it); 0 = auto: 1 for 2-D points (above "
+                                "it the point discriminator is noise that guidance multiplies by sigma^2), DG's window "
+                                "(VP time <= 1, sigma <= ~152) for images")  # fmt: skip
     classifier: str = _f("", "ADM 32x32 classifier file (32x32_classifier.pt) for --dg-extractor adm32")
     dg_coupling: str = _f("independent", "perturbation noise: independent (DG) or aot (paired by exact OT, the paper)")
     dg_pool: int = _f(0, "AOT pool size (0 = one batch; a larger pool is consumed in batch-size slices)")
@@ -65,6 +70,11 @@ class DGConfig:
     batch: int = _f(128, "images per optimizer step, real and fake mixed (DG: 128)")
     lr: float = _f(3e-4, "Adam learning rate (DG: 3e-4)")
     weight_decay: float = _f(1e-7, "Adam weight decay (DG: 1e-7)")
+    ema_kimg: float = _f(
+        0.0,
+        "half-life of an exponential moving average of the head's weights, in kimg, capped at "
+        "a tenth of the images seen (0 = none, DG's recipe); guidance uses the average",
+    )
     epochs: float = _f(20.0, "passes over real + fake data (used when --kimg is 0)")
     kimg: float = _f(0.0, "training length in thousands of images (0 = --epochs passes)")
     seed: int = _f(0, "random seed of the head's initialisation, data order and noise")
@@ -103,7 +113,7 @@ class DGConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-        for name in ("weight_decay", "kimg"):
+        for name in ("weight_decay", "kimg", "ema_kimg", "guide_sigma_max"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -112,9 +122,21 @@ class DGConfig:
         SamplerSettings(steps=self.steps, rho=self.rho, solver=self.solver)  # validates the fakes' sampler
 
 
+EMA_RAMPUP = 0.1  # the weight average's half-life is at most this fraction of the images seen
+
 # Settings that may change when a discriminator run is resumed.
 DG_RESUMABLE = frozenset(
-    {"epochs", "kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "device", "threads", "max_batch"}
+    {
+        "epochs",
+        "kimg",
+        "tick_kimg",
+        "snapshot_kimg",
+        "keep_checkpoints",
+        "device",
+        "threads",
+        "max_batch",
+        "guide_sigma_max",
+    }
 )
 
 
@@ -225,7 +247,11 @@ class DGTrainer(RunLoop):
             kind, shape=self.shape, num_classes=base.num_classes, base=base.denoiser,  # type: ignore[arg-type]
             classifier=cfg.classifier or None, width=cfg.width, depth=cfg.depth, seed=cfg.seed,
         ).to(device)  # fmt: skip
+        window = cfg.guide_sigma_max or (POINT_GUIDE_SIGMA_MAX if kind == "mlp" else None)
+        if window is not None:  # recorded in the saved description; the sampler's default window
+            self.disc.spec["guide_sigma_max"] = window
         self.disc.train()
+        self.ema = EMA(self.disc.head) if cfg.ema_kimg > 0 else None
         self.optimizer = torch.optim.Adam(self.disc.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         coupler = make_coupler(cfg.dg_coupling, classwise=True)  # blocks by the source's key: class x real/fake
         pool = (cfg.dg_pool or cfg.batch) if cfg.dg_coupling == "aot" else None
@@ -294,7 +320,9 @@ class DGTrainer(RunLoop):
 
     # ------------------------------------------------------------------------------------------------ state
     def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return self.disc.head_state(), {}
+        # The averaged head goes in the checkpoint's ema slot (head tensors only; the extractor is in the model slot).
+        ema = {} if self.ema is None else {f"head.{k}": v for k, v in self.ema.module.state_dict().items()}
+        return self.disc.head_state(), ema
 
     def load_weights(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
         own = self.disc.head_state()
@@ -302,6 +330,10 @@ class DGTrainer(RunLoop):
         if missing:
             raise ckpt_io.CheckpointError(f"{self.run_dir}: the checkpoint lacks {missing[:3]}")
         self.disc.head.load_state_dict({k[5:]: v for k, v in model.items() if k.startswith("head.")})
+        if self.ema is not None:
+            if not ema:
+                raise ckpt_io.CheckpointError(f"{self.run_dir}: the checkpoint has no weight average (--ema-kimg)")
+            self.ema.module.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("head.")})
         if self.disc.extractor is not None and any(k.startswith("extractor.") for k in model):
             # the extractor as it was trained with (the base run may have trained on since)
             self.disc.extractor.load_state_dict({k[10:]: v for k, v in model.items() if k.startswith("extractor.")})
@@ -321,8 +353,9 @@ class DGTrainer(RunLoop):
     def _zero_stats(self) -> None:
         k = len(SIGMA_BUCKETS) - 1
         self._stats = torch.zeros(3, k + 1, dtype=torch.float64, device=self.device)  # loss, correct, count
+        self._edges = torch.tensor(SIGMA_BUCKETS[1:-1], dtype=torch.float64, device=self.device)  # inner edges
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         cfg, device = self.cfg, self.device
         b = self.stream.next()
         n = b.images.shape[0]
@@ -338,17 +371,17 @@ class DGTrainer(RunLoop):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.ema is not None:  # half-life capped at a tenth of the images seen, so short runs average recent weights
+            self.ema.update(self.disc.head, ema_beta(cfg.batch, self.nimg + n, cfg.ema_kimg, EMA_RAMPUP))
         self.nimg += n
         self.steps += 1
         with torch.no_grad():  # per-sigma-bucket sums, read once per tick
-            bucket = torch.bucketize(
-                sigma.double(), torch.tensor(SIGMA_BUCKETS[1:-1], dtype=torch.float64, device=device)
-            )
+            bucket = torch.bucketize(sigma.double(), self._edges)
             correct = ((logit > 0).float() == target).double()
             for row, values in ((0, losses.double()), (1, correct), (2, torch.ones_like(correct))):
                 self._stats[row, :-1].index_add_(0, bucket, values)
                 self._stats[row, -1] += values.sum()
-        value = float(loss.detach())
+        value = loss.detach()  # stays on the device: read once per tick with the bucket sums (no per-step sync)
         self.record_loss(value)
         return value
 
