@@ -362,7 +362,21 @@ def render_markdown(
     ]
     lines += ["## 4. Comparison with the 2-D prototype (aot-method.md section 5)", "", *comparison_table(results), ""]
     lines += discussion(results, cfg, kappa_ratio_toy, kappa_ratio_dig)
+    lines += FOLLOW_UPS
     return "\n".join(lines) + "\n"
+
+
+# Where the questions this one-seed study leaves open are measured (their own scripts and pages).
+FOLLOW_UPS = [
+    "## 6. Follow-up studies",
+    "",
+    "- [results-power.md](results-power.md) (`benchmarks/aot_power.py`): the same comparison with statistical power "
+    "(training seeds, 2,000 samples per cell, bootstrap errors), the AOT variants (sigma gating, Gumbel-perturbed assignments), and a second image "
+    "dataset (mnist5k, 28x28).",
+    "- [dg.md](dg.md) (`benchmarks/dg_study.py`): Discriminator Guidance on 8 Gaussians and digits, base model "
+    "(independent, AOT) x discriminator (none, independently trained, AOT-trained) x NFE.",
+    "",
+]
 
 
 def geometries(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
