@@ -16,6 +16,7 @@ from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.config import preset_config
 from aotdiff.train.loop import train
 from aotdiff.train.randomness import keyed_generator
+from aotdiff.train.runloop import ConfigMismatchError
 from test_train import tiny
 
 
@@ -148,3 +149,44 @@ def test_head_average_is_what_guidance_uses_and_resumes_exactly(toy_run, tmp_pat
     for k in a.ema:  # ... and it is what guidance uses
         torch.testing.assert_close(head[k], a.ema[k], rtol=0, atol=0)
     assert disc.guide_sigma_max == 1.0
+    folder = ckpt_io.list_checkpoints(tmp_path / "full")[-1]
+    raw = load_discriminator(folder / "model.safetensors")  # the file itself: the last weights
+    avg = load_discriminator(folder / "ema.safetensors")  # the average (extractor and description from beside it)
+    for k in moved:
+        torch.testing.assert_close(raw.head.state_dict()[k[5:]], a.model[k], rtol=0, atol=0)
+        torch.testing.assert_close(avg.head.state_dict()[k[5:]], a.ema[k], rtol=0, atol=0)
+
+
+def test_resume_across_versions_and_settings(toy_run, tmp_path):
+    """Runs written before --ema-kimg / --dg-sigma-max resume; --ema-kimg added later (forced) starts the average from
+    the loaded head; a window DG's lower end would make empty is refused at once."""
+    _shifted_fakes(toy_run, tmp_path / "fakes.npz")
+    cfg = DGConfig(base=str(toy_run), fakes=str(tmp_path / "fakes.npz"), kimg=0.256, batch=128, device="cpu",
+                   tick_kimg=0.128, snapshot_kimg=0.128)  # fmt: skip
+    run = tmp_path / "disc"
+    train_discriminator(cfg, run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    for key in ("ema_kimg", "guide_sigma_max"):  # as an older version wrote it
+        del saved[key]
+    (run / "config.json").write_text(json.dumps(saved))
+    longer = DGConfig(**{**cfg.to_dict(), "kimg": 0.384})
+    assert train_discriminator(longer, run, progress=False).nimg == 384
+    last = ckpt_io.load_latest(run).model
+    averaged = DGConfig(**{**longer.to_dict(), "kimg": 0.512, "ema_kimg": 1.0})
+    with pytest.raises(ConfigMismatchError, match="ema_kimg"):
+        train_discriminator(averaged, run, progress=False)
+    said: list[str] = []
+    with DGTrainer(averaged, run, progress=False, force=True, log=said.append) as t:
+        assert any("starts one from the loaded head" in s for s in said)
+        head = {f"head.{k}": v for k, v in t.ema.module.state_dict().items()}
+        for k, v in head.items():  # the average starts where the head is
+            torch.testing.assert_close(v, last[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"--dg-sigma-max must be 0 \(auto\) or a number > 0.04"):
+        DGConfig(base="x", guide_sigma_max=0.01).validate()
+
+
+def test_point_discriminators_saved_without_a_window_get_the_point_window(toy_run, tmp_path):
+    from aotdiff.guidance.discriminator import POINT_GUIDE_SIGMA_MAX, build_discriminator
+
+    disc = build_discriminator("mlp", shape=(2,), num_classes=0, width=16, depth=1)
+    assert "guide_sigma_max" not in disc.spec and disc.guide_sigma_max == POINT_GUIDE_SIGMA_MAX == 1.0

@@ -32,7 +32,7 @@ from aotdiff.nets import build_network
 KINDS = ("adm32", "denoiser", "mlp")
 
 # Guidance window of the 2-D point discriminator (`mlp` kind): above sigma ~1 its logit carries no information about
-# 8 Gaussians (accuracy 0.50-0.53 there) but still has a gradient, which the guidance multiplies by sigma^2. Measured
+# 8 Gaussians (accuracy 0.53 at sigma 0.1-1, 0.49-0.50 above) but still has a gradient, which the guidance multiplies by sigma^2. Measured
 # on toy2d (40 kimg base, 35 NFE, weight 2, 3 x 4000 samples, paired with the unguided ones): guided - unguided sliced
 # W2 +0.008 with DG's window (sigma <= 152), -0.018 +- 0.002 with sigma <= 1, -0.020 with sigma <= 0.3, +0.025 with
 # guidance only above sigma 0.3.
@@ -58,6 +58,8 @@ class Discriminator(nn.Module):
         """The largest sigma at which guidance should use this discriminator (recorded by `aotdiff dg train`; None =
         DG's window, VP time <= 1). :class:`~aotdiff.guidance.DiscriminatorGuidance` uses it unless told otherwise."""
         value = self.spec.get("guide_sigma_max")
+        if value is None and self.spec.get("kind") == "mlp":
+            return POINT_GUIDE_SIGMA_MAX  # point discriminators saved before the window was recorded
         return None if value is None else float(value)
 
     def train(self, mode: bool = True) -> Discriminator:
@@ -226,8 +228,9 @@ def load_discriminator(
     classifier: str | Path | None = None,
     conditional: bool = False,
 ) -> Discriminator:
-    """A trained discriminator: an ``aotdiff dg train`` run directory, one of its checkpoint folders or its
-    ``model.safetensors``; or DG's published head (``discriminator_60.pt`` / ``discriminator_250.pt``, read with
+    """A trained discriminator: an ``aotdiff dg train`` run directory or one of its checkpoint folders (the head's
+    weight average when the run kept one, ``--ema-kimg``), its ``ema.safetensors`` (the average) or its
+    ``model.safetensors`` (the last weights); or DG's published head (``discriminator_60.pt`` / ``discriminator_250.pt``, read with
     weights only) on the ADM classifier given by ``classifier``."""
     from aotdiff.train import checkpoint as ckpt_io
 
@@ -241,15 +244,23 @@ def load_discriminator(
         extractor = load_adm_weights(adm_classifier_32(), classifier)
         return Discriminator(spec, head, extractor).to(device).eval().requires_grad_(False)
     weights = ckpt_io.resolve_weights(p, ema=False)
+    want_average = not p.is_file()  # a run or checkpoint folder: guide with the weight average if there is one
     if weights.name == "ema.safetensors":  # the averaged head alone: the rest (extractor) is in the model file
-        weights = weights.with_name("model.safetensors")
-        p = weights.parent
+        want_average, weights = True, weights.with_name("model.safetensors")
+        if not weights.is_file():
+            raise ckpt_io.CheckpointError(f"{p}: a discriminator's head average needs its model.safetensors beside it "
+                                          "(the extractor and the description are there)")  # fmt: skip
     tensors, meta = ckpt_io.read_weights(weights)
     if "discriminator" not in meta:
         raise ckpt_io.CheckpointError(f"{weights} is not a discriminator (train one with `aotdiff dg train`)")
     average = weights.with_name("ema.safetensors")
-    if not p.is_file() and average.is_file():  # a run or checkpoint folder: guide with the weight average if any
+    if want_average and average.is_file():
         ema, _ = ckpt_io.read_weights(average)
-        tensors.update(ema)  # head tensors only (empty when the run kept no average)
+        head_keys = {k for k in tensors if k.startswith("head.")}
+        if ema and set(ema) != head_keys:
+            raise ckpt_io.CheckpointError(f"{average}: the head average does not match the head's tensors")
+        if not ema and p.name == "ema.safetensors":
+            raise ckpt_io.CheckpointError(f"{p}: this run kept no head average (--ema-kimg); use its folder")
+        tensors.update(ema)
     disc = discriminator_from_state(json.loads(meta["discriminator"]), tensors, classifier)
     return disc.to(device)

@@ -82,7 +82,9 @@ class DiscriminatorGuidance:
         self.sigma_max = float(sigma_max) if sigma_max is not None else float(edm_sigma(time_max))
         if not 0 <= time_min < time_max:
             raise ValueError(
-                f"discriminator guidance: the window needs time_min < time_max, got {time_min}, {time_max}"
+                f"discriminator guidance: the window needs time_min < time_max, got {time_min}, {time_max} (sigma "
+                f"{float(edm_sigma(time_min)):.4g} to {float(edm_sigma(time_max)):.4g}; a recorded window is changed "
+                "with --dg-sigma-max)"
             )
         if not 0 < clip < 0.5:
             raise ValueError(f"discriminator guidance: clip must lie in (0, 0.5), got {clip}")

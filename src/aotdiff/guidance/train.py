@@ -29,7 +29,7 @@ from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import ImageDataset, load_dataset
 from aotdiff.generate import SamplerSettings, generate
 from aotdiff.guidance.discriminator import POINT_GUIDE_SIGMA_MAX, Discriminator, build_discriminator, default_kind
-from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, sample_dg_sigma
+from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, edm_sigma, sample_dg_sigma
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.checkpoint import LoadedModel, load_model
 from aotdiff.train.ema import EMA, ema_beta
@@ -59,9 +59,9 @@ class DGConfig:
                         "encoder) or mlp (2-D data); auto = mlp for points, adm32 for 32x32 RGB with --classifier, "
                         "else denoiser")  # fmt: skip
     guide_sigma_max: float = _f(0.0, "largest sigma at which sampling applies this discriminator's guidance, recorded "
-                                "with it (the same flag of `aotdiff sample` overrides it); 0 = auto: 1 for 2-D points (above "
-                                "it the point discriminator is noise that guidance multiplies by sigma^2), DG's window "
-                                "(VP time <= 1, sigma <= ~152) for images")  # fmt: skip
+                                "with it (the same flag of `aotdiff sample` overrides it, also for a finished run); "
+                                "0 = auto: 1 for 2-D points (above it the point discriminator is noise that guidance "
+                                "multiplies by sigma^2), DG's window (VP time <= 1, sigma <= ~152) for images")  # fmt: skip
     classifier: str = _f("", "ADM 32x32 classifier file (32x32_classifier.pt) for --dg-extractor adm32")
     dg_coupling: str = _f("independent", "perturbation noise: independent (DG) or aot (paired by exact OT, the paper)")
     dg_pool: int = _f(0, "AOT pool size (0 = one batch; a larger pool is consumed in batch-size slices)")
@@ -113,10 +113,15 @@ class DGConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-        for name in ("weight_decay", "kimg", "ema_kimg", "guide_sigma_max"):
+        for name in ("weight_decay", "kimg", "ema_kimg"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        window_start = float(edm_sigma(0.01))  # DG's window starts at VP time 0.01
+        g = self.guide_sigma_max
+        if not (g == 0 or (math.isfinite(g) and g > window_start)):
+            raise ValueError(f"--dg-sigma-max must be 0 (auto) or a number > {window_start:.4f} (where DG's window "
+                             f"starts), got {g}")  # fmt: skip
         if self.dg_pool and self.dg_pool % self.batch:
             raise ValueError(f"--dg-pool {self.dg_pool} must be a multiple of --batch {self.batch}")
         SamplerSettings(steps=self.steps, rho=self.rho, solver=self.solver)  # validates the fakes' sampler
@@ -331,9 +336,11 @@ class DGTrainer(RunLoop):
             raise ckpt_io.CheckpointError(f"{self.run_dir}: the checkpoint lacks {missing[:3]}")
         self.disc.head.load_state_dict({k[5:]: v for k, v in model.items() if k.startswith("head.")})
         if self.ema is not None:
-            if not ema:
-                raise ckpt_io.CheckpointError(f"{self.run_dir}: the checkpoint has no weight average (--ema-kimg)")
-            self.ema.module.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("head.")})
+            if ema:
+                self.ema.module.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("head.")})
+            else:  # --ema-kimg added on resume (--force): the average starts from the loaded head
+                self.ema.module.load_state_dict(self.disc.head.state_dict())
+                self.say("the checkpoint has no head average: --ema-kimg starts one from the loaded head")
         if self.disc.extractor is not None and any(k.startswith("extractor.") for k in model):
             # the extractor as it was trained with (the base run may have trained on since)
             self.disc.extractor.load_state_dict({k[10:]: v for k, v in model.items() if k.startswith("extractor.")})

@@ -177,6 +177,8 @@ RESUMABLE_CHANGES = frozenset(
 # Fields added after runs were written, with the value those runs trained with: a config.json that lacks one compares
 # as that value on resume (every AOT run before the variant knobs was the paper's AOT).
 LEGACY_VALUES: dict[str, Any] = {k: AOT_PAPER[k] for k in ("aot_gate_sigma", "aot_gate_width", "aot_temperature")}
+# the same for discriminator runs (`aotdiff dg train`, whose fields share this table): no head average, auto window
+LEGACY_VALUES |= {"ema_kimg": 0.0, "guide_sigma_max": 0.0}
 
 _CIFAR_AOT = dict(
     data="",  # must be given: --data path/to/cifar10-32x32.zip or cifar-10-python.tar.gz
