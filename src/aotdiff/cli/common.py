@@ -188,9 +188,8 @@ def check_dg_flags(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must be a finite number >= 0, got {value}")
     sigma_max = getattr(args, "dg_sigma_max", None)
     if sigma_max is not None:
-        from aotdiff.guidance.vp import edm_sigma
+        from aotdiff.guidance.guide import WINDOW_SIGMA_MIN as low
 
-        low = float(edm_sigma(0.01))  # DG's window starts at VP time 0.01
         if not (math.isfinite(sigma_max) and sigma_max > low):
             raise UserError(f"--dg-sigma-max must be a number > {low:.4f} (where DG's window starts), got {sigma_max}")
     if getattr(args, "dg", None) is not None and not Path(args.dg).exists():

@@ -28,7 +28,8 @@ import torch
 
 from aotdiff.guidance.vp import edm_sigma, vp_time
 
-DG_TIME_MAX = 1.0  # DG's window ends at VP time 1 (sigma ~152)
+DG_TIME_MIN, DG_TIME_MAX = 0.01, 1.0  # DG's window in VP time: sigma ~0.0447 to ~152
+WINDOW_SIGMA_MIN = float(edm_sigma(DG_TIME_MIN))  # a guidance window must end above this sigma
 
 # A logit function: (x [B, ...] float32, sigma [B] float32, labels or None) -> logit of "real" [B].
 LogitFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -58,7 +59,7 @@ class DiscriminatorGuidance:
         *,
         weight2: float = 0.0,
         boost: bool = False,
-        time_min: float = 0.01,
+        time_min: float = DG_TIME_MIN,
         time_max: float | None = None,
         sigma_max: float | None = None,
         clip: float = 1e-5,

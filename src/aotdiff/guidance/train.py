@@ -29,7 +29,8 @@ from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import ImageDataset, load_dataset
 from aotdiff.generate import SamplerSettings, generate
 from aotdiff.guidance.discriminator import POINT_GUIDE_SIGMA_MAX, Discriminator, build_discriminator, default_kind
-from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, edm_sigma, sample_dg_sigma
+from aotdiff.guidance.guide import WINDOW_SIGMA_MIN
+from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, sample_dg_sigma
 from aotdiff.train import checkpoint as ckpt_io
 from aotdiff.train.checkpoint import LoadedModel, load_model
 from aotdiff.train.ema import EMA, ema_beta
@@ -117,7 +118,7 @@ class DGConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        window_start = float(edm_sigma(0.01))  # DG's window starts at VP time 0.01
+        window_start = WINDOW_SIGMA_MIN
         g = self.guide_sigma_max
         if not (g == 0 or (math.isfinite(g) and g > window_start)):
             raise ValueError(f"--dg-sigma-max must be 0 (auto) or a number > {window_start:.4f} (where DG's window "
