@@ -498,6 +498,32 @@ def test_bench_times_iters_and_samples_with_steps(capsys):
     # The interface: the trainer's img/s, the bare loop's, and their ratio.
     assert result["img_per_s"] > 0 and result["bare_img_per_s"] > 0
     assert result["trainer_efficiency"] == pytest.approx(result["img_per_s"] / result["bare_img_per_s"], rel=1e-12)
+    assert result["bare_gflop_per_s"] == pytest.approx(result["bare_img_per_s"] * result["gflop_per_img"], rel=1e-12)
+
+
+def test_bench_counts_forward_and_backward_flops_per_image():
+    """gflop_per_img against a count by hand on the toy MLP: every linear layer costs 2*in*out per row forward, as
+    much again for its weight gradient, and as much again for its input gradient when its input needs one (not for
+    the layers fed by the noisy input or the noise level). The count also has the Fourier features' small products
+    (< 0.01 %); a count of the forward only would be 2-3x too small, one per batch 16x too large."""
+    from aotdiff.bench import BareLoop
+    from aotdiff.nets.layers import Dense
+    from aotdiff.train.config import preset_config
+
+    batch = 16
+    bare = BareLoop(preset_config("toy2d", batch=batch), (2,), 0, torch.device("cpu"))
+    by_hand: list[int] = []
+
+    def count(layer, inputs, _output):
+        x = inputs[0]
+        rows = x.numel() // x.shape[-1]
+        by_hand.append(2 * rows * layer.in_features * layer.out_features * (3 if x.requires_grad else 2))
+
+    for layer in bare.net.modules():
+        if isinstance(layer, Dense):
+            layer.register_forward_hook(count)
+    counted = bare.gflop_per_img()
+    assert len(by_hand) > 4 and counted == pytest.approx(sum(by_hand) / batch / 1e9, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ sample's output file

@@ -46,6 +46,9 @@ class SpeedResult:
     compile: bool = False
     threads: int = 0
     torch: str = torch.__version__
+    # forward + backward FLOPs of one image (torch.utils.flop_counter: convolutions and matmuls, 2 per multiply-add)
+    gflop_per_img: float = 0.0
+    bare_gflop_per_s: float = 0.0  # bare_img_per_s * gflop_per_img: compare with the device's matmul throughput
 
     def row(self) -> str:
         return (
@@ -115,6 +118,17 @@ class BareLoop:
         self.labels = torch.randint(num_classes, (b,), device=device, generator=gen) if self.label_dim else None
         self.aug = torch.zeros(b, AugmentPipe.label_dim, device=device) if cfg.augment > 0 else None
 
+    def gflop_per_img(self) -> float:
+        """Forward + backward FLOPs per image of one step, counted on the eager network (no optimizer step: the
+        parameters are unchanged, and the next step clears the gradients)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter, self.autocast():
+            loss = edm_loss(self.net, self.y, self.noise, self.sigma, self.labels, self.aug)
+            loss.sum().backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / self.batch / 1e9
+
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         for _ in range(self.accum):
@@ -149,6 +163,7 @@ def train_speed(
         dataset = synthetic_dataset(shape, num_classes if cfg.cond else 0)
     classes = getattr(dataset, "num_classes", 0)
     bare = BareLoop(cfg, tuple(dataset.shape), classes, device)
+    gflop = bare.gflop_per_img()
     run_cfg = dataclasses.replace(cfg, device=str(device), tick_kimg=1e9, snapshot_kimg=1e9, grid_seeds=0)
     with tempfile.TemporaryDirectory(prefix="aotdiff-bench-") as tmp:
         trainer = Trainer(run_cfg, tmp, dataset=dataset, progress=False, log=lambda s: None)
@@ -176,6 +191,7 @@ def train_speed(
     return SpeedResult(
         cfg.preset, str(device), device_name(device), cfg.batch, bare.precision, bare.params, img, img_bare,
         img / img_bare, 1e3 * t_trainer / n_steps, n_steps, cfg.coupling, cfg.compile, torch.get_num_threads(),
+        gflop_per_img=gflop, bare_gflop_per_s=img_bare * gflop,
     )  # fmt: skip
 
 
