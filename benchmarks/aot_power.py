@@ -679,6 +679,12 @@ def curvature_finding(a: str, runs: dict[int, dict[str, Any]], base: dict[int, d
     return f" Curvature against independent: {', '.join(parts)}."
 
 
+def resolved(ests: dict[str, Estimate | None], names: tuple[str, ...], sign: int) -> list[str]:
+    """Titles of the settings among ``names`` whose difference is resolved with the sign of ``sign``."""
+    title = dict(zip(setting_names(), (setting_title(s, n) for s, n in SETTINGS), strict=True))
+    return [title[n] for n, e in ests.items() if n in names and e is not None and e.resolved and sign * e.mean > 0]
+
+
 def findings(runs: dict[str, dict[int, dict[str, Any]]], arms: list[str],
              diffs: dict[tuple[str, str], dict[str, Estimate | None]],
              base: dict[int, dict[str, Any]]) -> list[str]:  # fmt: skip
@@ -694,22 +700,17 @@ def findings(runs: dict[str, dict[int, dict[str, Any]]], arms: list[str],
         dp = diffs.get((a, "aot-paper"))
         if dp is not None:
             text += f" Against paper AOT: {describe_diffs(dp, 'paper AOT')}."
-            keeps = not any(e is not None and e.resolved and e.mean > 0 for n, e in dp.items() if n in FEW)
-            closes = not any(e is not None and e.resolved and e.mean > 0 for n, e in d.items() if n in MANY)
-            gain = any(e is not None and e.resolved and e.mean < 0 for n, e in d.items() if n in FEW)
+            lost, many_worse, many_better = resolved(dp, FEW, +1), resolved(d, MANY, +1), resolved(d, MANY, -1)
+            gain = resolved(d, FEW, -1)
             text += (
-                (
-                    " It keeps paper AOT's few-step quality (no resolved loss against it at 3–9 NFE)"
-                    if keeps
-                    else " It loses some of paper AOT's few-step quality"
-                )
-                + (
-                    " and is not resolved worse than independent at 27–35 NFE"
-                    if closes
-                    else " and is still resolved worse than independent at 27–35 NFE"
-                )
+                (f" Verdict: at 3–9 NFE it loses to paper AOT at {', '.join(lost)}" if lost
+                 else " Verdict: it keeps paper AOT's few-step quality (no resolved loss against it at 3–9 NFE)")
+                + (f"; at 27–35 NFE it is resolved better than independent at {', '.join(many_better)}"
+                   if many_better and not many_worse
+                   else f"; at 27–35 NFE it is still resolved worse than independent at {', '.join(many_worse)}"
+                   if many_worse else "; at 27–35 NFE it is not resolved worse than independent")
                 + ("." if gain else "; it has no resolved gain over independent at 3–9 NFE.")
-            )
+            )  # fmt: skip
         out.append(text + curvature_finding(a, runs[a], base))
     n_min = min(len(r) for r in runs.values() if r)
     out.append(
