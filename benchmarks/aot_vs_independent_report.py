@@ -371,8 +371,9 @@ FOLLOW_UPS = [
     "## 6. Follow-up studies",
     "",
     "- [results-power.md](results-power.md) (`benchmarks/aot_power.py`): the same comparison with statistical power "
-    "(training seeds, 2,000 samples per cell, bootstrap errors), the AOT variants (sigma gating, Gumbel-perturbed assignments), and a second image "
-    "dataset (mnist5k, 28x28).",
+    "(training seeds, 2,000 samples per cell, bootstrap errors), the AOT variants (sigma gating, Gumbel-perturbed "
+    "assignments), and a second image dataset (mnist5k, 28x28). Its evidence chose what `--coupling aot` ships: "
+    "sigma-gated AOT (S = 0.5, width 0.5). This page's AOT is the paper's (`--aot-recipe paper`, pinned by the script).",
     "- [dg.md](dg.md) (`benchmarks/dg_study.py`): Discriminator Guidance on 8 Gaussians and digits, base model "
     "(independent, AOT) x discriminator (none, independently trained, AOT-trained) x NFE.",
     "",

@@ -98,14 +98,36 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return preset_config(args.preset, **overrides)
 
 
+def keep_recorded_aot_knobs(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
+    """Rerunning the command of an AOT run resumes it with the knobs it was started with, when the shipped recipe
+    (what unset knobs resolve to) has changed since: the run continues what it trained, not the new recipe. Knobs
+    given as flags are compared with the run as usual (a change is refused)."""
+    from aotdiff.train.config import AOT_PAPER
+    from aotdiff.train.rundir import read_config
+
+    if cfg.coupling != "aot" or cfg.aot_recipe != "shipped" or getattr(args, "restart", False):
+        return cfg
+    old = read_config(Path(args.out))
+    if old is None or old.get("coupling") != "aot" or old.get("aot_recipe", "shipped") != "shipped":
+        return cfg
+    recorded = {k: old.get(k, AOT_PAPER[k]) for k in AOT_KNOBS if getattr(args, k, None) is None}
+    changed = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
+    if not changed:
+        return cfg
+    shown = ", ".join(f"{FLAG_NAMES.get(k, ('--' + k.replace('_', '-'),))[0]} {v}" for k, v in changed.items())
+    print(f"{args.out}: resuming with the AOT knobs it was started with ({shown}); the shipped recipe has changed "
+          "since (see --aot-recipe)", file=sys.stderr)  # fmt: skip
+    return dataclasses.replace(cfg, **changed)
+
+
 def run(args: argparse.Namespace) -> int:
     from aotdiff.train.config import validate
     from aotdiff.train.loop import describe, train
 
-    cfg = config_from_args(args)
-    validate(cfg, need_data=not args.dry_run)
     if args.out is None:
         args.out = Path("runs") / args.preset
+    cfg = keep_recorded_aot_knobs(args, config_from_args(args))
+    validate(cfg, need_data=not args.dry_run)
     if args.dry_run:
         text, _ = describe(cfg)
         print(f"run directory: {args.out}\n{text}")
