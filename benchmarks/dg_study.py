@@ -35,6 +35,10 @@ STEPS = {9: 5, 15: 8, 27: 14, 35: 18}  # NFE -> Heun steps (2N - 1)
 DG_SIGMA_WINDOW = float(edm_sigma(1.0))  # DG's window ends at VP time 1
 
 
+# The AOT base models are the paper's AOT (as in DG + AOT, Kim et al. 2024), whatever `--coupling aot` ships.
+PAPER_AOT: dict[str, dict[str, str]] = {"aot": {"aot_recipe": "paper"}}
+
+
 def guidance(disc, weight: float) -> DiscriminatorGuidance | None:
     """`disc` is None (unguided), a discriminator (its recorded window) or (discriminator, sigma_max)."""
     if disc is None:
@@ -58,7 +62,8 @@ def digits_study(args: argparse.Namespace) -> dict:
     rows = []
     for coupling in ("independent", "aot"):
         base = args.work / f"digits-base-{coupling}"
-        cfg = preset_config("digits", coupling=coupling, duration_kimg=args.digits_kimg, device="cpu", threads=1)
+        cfg = preset_config("digits", coupling=coupling, duration_kimg=args.digits_kimg, device="cpu", threads=1,
+                            **PAPER_AOT.get(coupling, {}))  # fmt: skip
         train(cfg, base, progress=False, log=lambda s: None)
         model = load_model(base)
         quality = make_quality("fd", model.shape, model.config, where=str(base), num=args.digits_samples)
@@ -127,7 +132,8 @@ def main() -> None:
     rows = []
     for coupling in ("independent", "aot"):
         base = args.work / f"base-{coupling}"
-        cfg = preset_config("toy2d", coupling=coupling, duration_kimg=args.base_kimg, device="cpu", threads=1)
+        cfg = preset_config("toy2d", coupling=coupling, duration_kimg=args.base_kimg, device="cpu", threads=1,
+                            **PAPER_AOT.get(coupling, {}))  # fmt: skip
         train(cfg, base, progress=False, log=lambda s: None)
         model = load_model(base)
         discs = {"none": None}
