@@ -874,13 +874,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # The study settings a WORK folder was started with: results made with other settings must not be mixed in.
     settings_file = work / "study.json"
-    shared = {k: v for k, v in asdict(pc).items() if k not in ("datasets", "arms", "seeds")}
+    speed_only = ("batch_size",)  # changes no result (per-seed samples): neither recorded nor compared
+    shared = {k: v for k, v in asdict(pc).items() if k not in ("datasets", "arms", "seeds", *speed_only)}
     if settings_file.is_file():
         before = json.loads(settings_file.read_text())
-        speed_only = ("batch_size",)  # does not change any result
-        if {k: v for k, v in before.items() if k not in speed_only} != {
-            k: v for k, v in shared.items() if k not in speed_only
-        }:
+        if {k: v for k, v in before.items() if k not in speed_only} != shared:
             parser.error(f"{settings_file} records other settings ({before}); use another --work")
     else:
         settings_file.write_text(json.dumps(shared, indent=1) + "\n")

@@ -495,7 +495,7 @@ def test_rerunning_the_command_of_an_aot_run_keeps_the_knobs_it_started_with(tmp
     assert json.loads((run / "config.json").read_text())["aot_recipe"] == "shipped"
     capsys.readouterr()
     assert main([*tiny, "--kimg", "0.256", "--out", str(run)]) == 0
-    assert "resuming with the AOT knobs it was started with (--aot-gate-sigma 0.0)" in capsys.readouterr().err
+    assert "continuing with the AOT knobs recorded in its config.json (--aot-gate-sigma 0.0)" in capsys.readouterr().err
     saved = json.loads((run / "config.json").read_text())
     assert saved["aot_gate_sigma"] == 0.0 and saved["duration_kimg"] == 0.256
     assert main([*tiny, "--kimg", "0.384", "--out", str(run), "--aot-gate-sigma", "0.5"]) != 0
@@ -503,3 +503,8 @@ def test_rerunning_the_command_of_an_aot_run_keeps_the_knobs_it_started_with(tmp
     assert main([*tiny, "--kimg", "0.128", "--out", str(tmp_path / "new"), "--dry-run"]) == 0
     shown = json.loads(capsys.readouterr().out.split("\n", 1)[1].split("\n\n")[0])
     assert {k: shown[k] for k in AOT_KNOBS} == AOT_SHIPPED
+    # --force and an explicit --aot-recipe mean the new settings: the recorded knobs are not kept.
+    for extra in (["--force"], ["--aot-recipe", "shipped"]):
+        assert main([*tiny, "--kimg", "0.256", "--out", str(run), "--dry-run", *extra]) == 0
+        shown = json.loads(capsys.readouterr().out.split("\n", 1)[1].split("\n\n")[0])
+        assert shown["aot_gate_sigma"] == AOT_SHIPPED["aot_gate_sigma"], extra

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -99,24 +100,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def keep_recorded_aot_knobs(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
-    """Rerunning the command of an AOT run resumes it with the knobs it was started with, when the shipped recipe
-    (what unset knobs resolve to) has changed since: the run continues what it trained, not the new recipe. Knobs
-    given as flags are compared with the run as usual (a change is refused)."""
-    from aotdiff.train.config import AOT_PAPER
-    from aotdiff.train.rundir import read_config
+    """Rerunning the command of an AOT run continues it with the knobs it was started with, when the shipped recipe
+    (what unset knobs resolve to) has changed since: the run goes on training what it trained, not the new recipe.
 
-    if cfg.coupling != "aot" or cfg.aot_recipe != "shipped" or getattr(args, "restart", False):
+    Only knobs that nothing on the command line or in the preset sets are taken from ``RUN/config.json``, and only
+    when ``--aot-recipe`` is not given; ``--restart`` and ``--force`` (which mean: the new settings) skip this. Knobs
+    given as flags are compared with the run as usual (a change is refused).
+    """
+    from aotdiff.train.config import AOT_PAPER, flag_name
+    from aotdiff.train.rundir import RunDirectoryError, read_config
+
+    given = vars(args)  # the parser suppresses unset flags: a name present here was on the command line
+    if cfg.coupling != "aot" or cfg.aot_recipe != "shipped" or "aot_recipe" in given:
         return cfg
-    old = read_config(Path(args.out))
+    if given.get("restart") or given.get("force"):
+        return cfg
+    try:
+        old = read_config(Path(args.out))
+    except RunDirectoryError:
+        return cfg  # an unreadable config.json is reported by the run itself
     if old is None or old.get("coupling") != "aot" or old.get("aot_recipe", "shipped") != "shipped":
         return cfg
-    recorded = {k: old.get(k, AOT_PAPER[k]) for k in AOT_KNOBS if getattr(args, k, None) is None}
-    changed = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
+    preset = PRESETS[args.preset]
+    unset = [k for k in AOT_KNOBS if given.get(k) is None and k not in preset]
+    changed = {k: old.get(k, AOT_PAPER[k]) for k in unset if getattr(cfg, k) != old.get(k, AOT_PAPER[k])}
     if not changed:
         return cfg
-    shown = ", ".join(f"{FLAG_NAMES.get(k, ('--' + k.replace('_', '-'),))[0]} {v}" for k, v in changed.items())
-    print(f"{args.out}: resuming with the AOT knobs it was started with ({shown}); the shipped recipe has changed "
-          "since (see --aot-recipe)", file=sys.stderr)  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        shown = ", ".join(f"{flag_name(k)} {v}" for k, v in changed.items())
+        print(f"{args.out}: continuing with the AOT knobs recorded in its config.json ({shown}): the shipped recipe "
+              "has changed since the run started. To train the new recipe, use another --out, --restart, or "
+              "--force.", file=sys.stderr)  # fmt: skip
     return dataclasses.replace(cfg, **changed)
 
 
