@@ -723,6 +723,20 @@ def findings(runs: dict[str, dict[int, dict[str, Any]]], arms: list[str],
     return out
 
 
+def quality_tables(out: Path) -> list[str]:
+    """The per-dataset quality, difference and curvature tables of ``OUT/results/power.json``, headings one level
+    down (docs/results.md embeds them; the full report with protocol and timings is OUT/results-power.md)."""
+    saved = json.loads(power_json(out).read_text())
+    study, results, floors = saved["study"], saved["results"], saved["floors"]
+    lines: list[str] = []
+    for ds in study["datasets"]:
+        if any(r["dataset"] == ds for r in results):
+            section, _ = dataset_section(ds, results, list(study["arms"]), floors.get(ds))
+            cut = next((i for i, line in enumerate(section) if line.startswith("### Time per model")), len(section))
+            lines += ["#" + line if line.startswith("#") else line for line in section[:cut]]
+    return lines
+
+
 def render(out: Path) -> Path:
     """``OUT/results-power.md`` from ``OUT/results/power.json`` (nothing recomputed)."""
     saved = json.loads(power_json(out).read_text())

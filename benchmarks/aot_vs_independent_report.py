@@ -212,6 +212,10 @@ def render(out: Path, say: Callable[[str], None] = print) -> Path:
         say(f"{results_path(out)} holds no training logs: kept results/loss_curves.png as it is")
 
     text = render_markdown(results, cfg, meta, toy, dig, toy_ref, dig_ref, toy_rows, dig_rows, toy_curv, dig_curv)
+    if (out / "results" / "power.json").is_file():  # the powered study's tables (benchmarks/aot_power.py)
+        from aot_power import quality_tables
+
+        text += "\n".join(POWER_INTRO + quality_tables(out)) + "\n"
     path = out / "results.md"
     path.write_text(text)
     return path
@@ -365,6 +369,15 @@ def render_markdown(
     lines += FOLLOW_UPS
     return "\n".join(lines) + "\n"
 
+
+POWER_INTRO = [
+    "## 7. The powered tables",
+    "",
+    "From [results/power.json](results/power.json), rendered with the same code as [results-power.md](results-power.md) "
+    "(which adds the protocol, the statistics, a summary and the timings): mean ± standard error over training "
+    "seeds, 2,000 samples per cell, † = one seed (sampling noise only), **bold** = beyond two standard errors.",
+    "",
+]
 
 # Where the questions this one-seed study leaves open are measured (their own scripts and pages).
 FOLLOW_UPS = [
