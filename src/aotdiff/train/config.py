@@ -26,9 +26,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 # (aot_gate_width only acts when aot_gate_sigma > 0; its value here is the one a bare --aot-gate-sigma S gets.)
 AOT_PAPER: dict[str, Any] = {"aot_cost": "l2", "aot_gate_sigma": 0.0, "aot_gate_width": 0.5, "aot_temperature": 0.0}
 # What `--coupling aot` ships: the defaults chosen by evidence. THE place a study changes them. Sigma-gated AOT, S = 0.5,
-# width 0.5 (docs/results-power.md, docs/coupling.md): against paper AOT better at Euler 5-9 and at 35 NFE on mnist5k
-# and digits, worse on digits at Heun 9-15; at 27-35 NFE better than independent noise on mnist5k (where paper AOT is
-# ~10 % worse). Paper AOT stays one flag away (--aot-recipe paper); the paper-scale CIFAR-10 presets use it.
+# width 0.5 (docs/results-power.md, docs/coupling.md): against paper AOT better at Euler 5-9 NFE on mnist5k and digits
+# and the best arm at 35 NFE on both (mnist5k: paper AOT is ~10 % worse than independent there, the gate better);
+# worse than paper AOT on digits at Heun 9-15. Paper AOT stays one flag away (--aot-recipe paper); the paper-scale
+# CIFAR-10 presets use it.
 AOT_SHIPPED: dict[str, Any] = {**AOT_PAPER, "aot_gate_sigma": 0.5, "aot_gate_width": 0.5}
 AOT_RECIPES: dict[str, dict[str, Any]] = {"shipped": AOT_SHIPPED, "paper": AOT_PAPER}
 AOT_KNOBS: tuple[str, ...] = tuple(AOT_PAPER)  # the fields a recipe sets (None in a TrainConfig = from the recipe)
