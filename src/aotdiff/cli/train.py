@@ -123,7 +123,8 @@ def keep_recorded_aot_knobs(args: argparse.Namespace, cfg: TrainConfig) -> Train
         return cfg
     preset = PRESETS[args.preset]
     unset = [k for k in AOT_KNOBS if given.get(k) is None and k not in preset]
-    changed = {k: old.get(k, AOT_PAPER[k]) for k in unset if getattr(cfg, k) != old.get(k, AOT_PAPER[k])}
+    recorded = {k: old.get(k, AOT_PAPER[k]) for k in unset}  # a config.json older than a knob: the paper's value
+    changed = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
     if not changed:
         return cfg
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
