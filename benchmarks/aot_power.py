@@ -69,7 +69,7 @@ from aot_vs_independent import mean_ot_cost_ratio, training_log
 from aot_vs_independent_report import fmt
 from aotdiff.generate import SamplerSettings, generate
 from aotdiff.metrics import curvature_report
-from aotdiff.metrics.fid import FeatureStats, frechet_distance
+from aotdiff.metrics.fid import FeatureStats, fid_from_stats
 from aotdiff.metrics.quality import FrechetQuality, make_quality
 from aotdiff.train.config import AOT_KNOBS, AOT_PAPER, PRESETS, TrainConfig, preset_config
 
@@ -228,9 +228,9 @@ def boot_indices(num: int, boot: int) -> np.ndarray:
 
 
 def fd_of(features: np.ndarray, quality: FrechetQuality) -> float:
-    ref = quality.reference
-    mu_ref, sigma_ref = ref.mean_cov() if isinstance(ref, FeatureStats) else (ref.mu, ref.sigma)
-    return frechet_distance(features.mean(0), np.cov(features, rowvar=False), mu_ref, sigma_ref)
+    stats = FeatureStats()
+    stats.update(features)
+    return fid_from_stats(stats, quality.reference)
 
 
 def score_cell(features: np.ndarray, quality: FrechetQuality, indices: np.ndarray) -> dict[str, Any]:

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from aotdiff.generate import PreparedDenoiser, SamplerSettings, generate
-from aotdiff.metrics.fid import FeatureStats, frechet_distance
+from aotdiff.metrics.fid import FeatureStats, fid_from_stats
 from aotdiff.metrics.quality import FrechetQuality, make_quality
 from aotdiff.train.checkpoint import load_model
 
 
 def fd(features: np.ndarray, quality: FrechetQuality) -> float:
-    ref = quality.reference
-    mu, sigma = ref.mean_cov() if isinstance(ref, FeatureStats) else (ref.mu, ref.sigma)
-    return frechet_distance(features.mean(0), np.cov(features, rowvar=False), mu, sigma)
+    stats = FeatureStats()
+    stats.update(features)
+    return fid_from_stats(stats, quality.reference)
 
 
 def main(argv: list[str] | None = None) -> int:
