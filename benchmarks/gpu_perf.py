@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_perf.py --out gpu_perf.json                 # on the lent GPU (about 8 minutes)
     python benchmarks/gpu_perf.py --out smoke.json --smoke --device cpu   # the script itself, tiny, on a CPU
+    python benchmarks/gpu_perf.py --out s.json --only sample,frechet      # only the items whose name contains these
 
 Measured, each in its own try block (one failure does not lose the others; the JSON is rewritten after each item):
 
@@ -36,8 +37,8 @@ from aotdiff.train.distributed import pick_device
 
 
 class Report:
-    def __init__(self, path: Path, budget_s: float) -> None:
-        self.path, self.t0, self.budget_s = path, time.perf_counter(), budget_s
+    def __init__(self, path: Path, budget_s: float, only: list[str] | None = None) -> None:
+        self.path, self.t0, self.budget_s, self.only = path, time.perf_counter(), budget_s, only
         self.data: dict[str, Any] = {
             "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": platform.processor(),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -48,6 +49,8 @@ class Report:
         return self.budget_s - (time.perf_counter() - self.t0)
 
     def run(self, name: str, fn: Any, *args: Any, min_left_s: float = 30.0, **kw: Any) -> None:
+        if self.only is not None and not any(pattern in name for pattern in self.only):
+            return
         if self.time_left() < min_left_s:
             self.data["skipped"].append(name)
             print(f"[skip] {name}: {self.time_left():.0f} s left", flush=True)
@@ -160,9 +163,12 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new items after this long")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script on a CPU")
+    p.add_argument("--only", default="", help="run only the items whose name contains one of these comma-separated "
+                   "strings (e.g. 'sample,frechet'); default: every item")  # fmt: skip
     args = p.parse_args()
     device = pick_device(args.device)
-    rep = Report(Path(args.out), args.budget_s)
+    only = [s for s in args.only.split(",") if s] or None
+    rep = Report(Path(args.out), args.budget_s, only)
     rep.data["device"] = str(device)
     smoke = args.smoke
     batch, iters, sample_batch = (8, 1, 4) if smoke else (512, 10, 1024)
