@@ -121,7 +121,11 @@ def test_conditional_aot_digits_with_augmentation_and_class_sampling(tmp_path):
             "--grid-seeds", "4", "--grid-steps", "2", "--device", "cpu", "--no-progress", "--out", str(run)]  # fmt: skip
     assert main(args) == 0
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert all(0 < x["ot_cost_ratio"] < 1 for x in lines if "ot_cost_ratio" in x)
+    # A pool of 128 lasts the run's 4 steps of 32, ticks are 2 steps: the second tick starts no pool, yet every line carries the
+    # ot_ fields (issue 4's contract), repeating the stats of the pool it trained on.
+    assert [x["ot_pools"] for x in lines] == [1, 0]
+    assert all(0 < x["ot_cost_ratio"] < 1 and x["ot_ms"] > 0 and x["ot_wait_ms"] >= 0 for x in lines)
+    assert lines[1]["ot_cost_ratio"] == lines[0]["ot_cost_ratio"] and lines[1]["ot_wait_ms"] == 0.0
     assert (
         main(["sample", str(run), "--steps", "2", "--seeds", "0-3", "--class", "3", "--out", str(tmp_path / "c.npz")])
         == 0

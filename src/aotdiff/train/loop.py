@@ -355,6 +355,7 @@ class Trainer(RunLoop):
         self.last_lr = learning_rate(cfg, 0)
         self._tick_ot: list[Any] = []
         self._tick_wait_ms = 0.0
+        self._last_ot: Any = None  # the stats of the pool the last step trained on
         self.ddp_net: nn.Module = self.net
         if info.enabled:
             # Gradients as views of DDP's all-reduce buckets: no copy in and out of the buckets each step.
@@ -441,6 +442,7 @@ class Trainer(RunLoop):
             if b.step_in_pool == 0:
                 self._tick_wait_ms += 1e3 * (time.perf_counter() - t_wait)
                 self._tick_ot.append(b.stats)
+            self._last_ot = b.stats
             sigma = self._sigma(self.steps * self.accum + round_)
             b.noise = self._gate(b.noise, sigma, self.steps * self.accum + round_)  # sigma-gated AOT (coupling/gating)
             last = round_ == self.accum - 1 or not info.enabled
@@ -477,7 +479,7 @@ class Trainer(RunLoop):
 
     def tick_fields(self) -> dict[str, Any]:
         fields = {"lr": self.last_lr, "nonfinite_grad_steps": self.nonfinite_steps}
-        fields.update(_ot_fields(self._tick_ot, self._tick_wait_ms, self.cfg))
+        fields.update(_ot_fields(self._tick_ot, self._tick_wait_ms, self.cfg, self._last_ot))
         self._tick_ot, self._tick_wait_ms = [], 0.0
         return fields
 
@@ -549,18 +551,27 @@ def make_adam(params: Any, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _ot_fields(pools: list[Any], wait_ms: float, cfg: TrainConfig) -> dict[str, float]:
-    """Pairing statistics of the pools started during a tick (AOT runs only)."""
+def _ot_fields(pools: list[Any], wait_ms: float, cfg: TrainConfig, last: Any = None) -> dict[str, float]:
+    """Pairing statistics of the pools started during a tick (AOT runs only): means over those pools.
+
+    A tick in which no pool started (a tick shorter than a pool, or the last one of a run) trained on slices of the
+    pool started before it: its line repeats that pool's ratio and solve time, with ``ot_pools`` 0 and no wait (a step
+    only waits when it starts a pool). So every line of an AOT run carries the three ``ot_`` fields."""
     if cfg.coupling != "aot":
         return {}
     if not pools:
-        return {"ot_wait_ms": round(wait_ms, 3)}
+        if last is None:  # no AOT step yet
+            return {}
+        pools, wait_ms = [last], 0.0
+        started = 0
+    else:
+        started = len(pools)
     n = len(pools)
     return {
         "ot_cost_ratio": round(sum(p.coupling.ratio for p in pools) / n, 5),
         "ot_ms": round(sum(p.coupling.solve_ms + p.coupling.cost_ms for p in pools) / n, 3),
         "ot_wait_ms": round(wait_ms / n, 3),
-        "ot_pools": n,
+        "ot_pools": started,
     }
 
 
