@@ -12,6 +12,7 @@ from aotdiff.diffusion import (
     edm_loss,
     gaussian_denoiser,
     loss_weight,
+    mixture_denoiser,
     sample_sigma,
 )
 
@@ -91,6 +92,37 @@ def test_loss_uses_the_given_noise():
     torch.testing.assert_close(loss, expected)
     # Another noise gives another loss: the noise really is an input.
     assert not torch.allclose(edm_loss(d, y, torch.randn_like(y), sigma), loss)
+
+
+def test_loss_passes_the_augmentation_labels_to_the_network():
+    """Non-leaking augmentation conditions the network on what was done to each image (EDM's augment_labels)."""
+    net = ConstantNet(0.0)
+    y = torch.randn(3, 1, 2, 2)
+    aug = torch.randn(3, 9)
+    edm_loss(Precond(net), y, torch.randn_like(y), torch.ones(3), augment_labels=aug)
+    assert net.calls[-1][3] is not None
+    torch.testing.assert_close(net.calls[-1][3], aug, rtol=0, atol=0)
+
+
+def test_loss_weight_follows_the_denoisers_sigma_data():
+    """With sigma_data = 0.7 the weight is (sigma^2 + 0.49) / (0.7 sigma)^2 = 1 / c_out^2 at 0.7, not EDM's 0.5."""
+    d = Precond(ConstantNet(0.0), sigma_data=0.7)
+    y = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    n = torch.randn_like(y)
+    sigma = torch.tensor([0.05, 0.4, 2.0, 30.0], dtype=torch.float64)
+    s = sigma.view(-1, 1, 1, 1)
+    c_skip = 0.49 / (s**2 + 0.49)
+    expected = (s**2 + 0.49) / (0.7 * s) ** 2 * (c_skip * (y + s * n) - y) ** 2
+    torch.testing.assert_close(edm_loss(d, y, n, sigma), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 3.0])
+def test_mixture_denoiser_of_two_points_is_a_tanh(sigma):
+    """Data uniform on {-a, +a} in 1-D: E[y | x] = a tanh(a x / sigma^2) (the posterior odds are exp(2 a x / sigma^2))."""
+    a = 0.8
+    x = torch.linspace(-3, 3, 41, dtype=torch.float64).reshape(-1, 1)
+    points = torch.tensor([[-a], [a]], dtype=torch.float64)
+    torch.testing.assert_close(mixture_denoiser(x, sigma, points), a * torch.tanh(a * x / sigma**2), rtol=0, atol=1e-12)
 
 
 def test_loss_is_minimised_by_the_exact_denoiser():
