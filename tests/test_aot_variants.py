@@ -331,6 +331,21 @@ def test_gumbel_coupling_is_a_permutation_within_classes_and_pools():
     assert not np.array_equal(perm, other)
 
 
+def test_gumbel_perturbation_subtracts_the_draws_and_stats_keep_the_true_costs():
+    """Perturb-and-MAP is argmin of c - T s G with G ~ Gumbel(0, 1) (the max-stable form: minus, not plus), and
+    the coupling's stats report the unperturbed costs of both the chosen and the identity pairing."""
+    c = np.random.default_rng(0).random((7, 7))
+    expected = c - 0.4 * c.std() * np.random.default_rng(9).gumbel(size=c.shape)
+    np.testing.assert_array_equal(perturb_costs(c, 0.4, np.random.default_rng(9)), expected)
+    g = torch.Generator().manual_seed(8)
+    x, z = torch.randn(24, 5, generator=g), torch.randn(24, 5, generator=g)
+    perm, stats = HungarianCoupling("l2", "scipy", temperature=5.0, seed=1).assign(x, z)
+    true = cost_matrix(x, z).double().numpy()
+    assert stats.independent_cost == pytest.approx(float(np.trace(true)) / 24, rel=1e-9)
+    assert stats.assigned_cost == pytest.approx(float(true[np.arange(24), perm].mean()), rel=1e-9)
+    assert stats.ratio == pytest.approx(stats.assigned_cost / stats.independent_cost, rel=1e-12)
+
+
 def test_temperature_is_relative_to_the_spread_of_costs():
     """The perturbed assignment does not change under c -> a c + b, so a temperature means the same at any scale."""
     c = np.random.default_rng(0).random((40, 40))
