@@ -335,6 +335,32 @@ def test_slices_cover_each_pair_of_the_solved_pool_once(pools, labelled):
         assert batches[t * steps].stats.index == t
 
 
+class AugmentedSource(TensorSource):
+    """TensorSource whose draws carry augmentation labels that name their image (column 0 = the image's first pixel)."""
+
+    def draw(self, n):
+        d = super().draw(n)
+        aug = d.images.flatten(1)[:, :1].repeat(1, 9)
+        return PoolDraw(d.images, d.noise, d.labels, aug)
+
+
+@pytest.mark.parametrize("pools", [1, 2])
+@pytest.mark.parametrize("worker", [False, True])
+def test_labels_and_augment_labels_stay_with_their_image(pools, worker):
+    """The assignment permutes only the noise: each image keeps its class and the augmentation that made it."""
+    n = 40
+    first = torch.arange(n, dtype=torch.float32) / n  # the first pixel names the image
+    images = torch.randn(n, 1, 2, 2)
+    images[:, 0, 0, 0] = first
+    labels = torch.arange(n) % 3
+    source = AugmentedSource(images, labels, seed=4)
+    with PairedBatchStream(source, HungarianCoupling(backend="scipy"), 2 * pools, 8, pools=pools, worker=worker) as st:
+        for b in take(st, 12):
+            index = torch.round(b.images[:, 0, 0, 0] * n).long()
+            torch.testing.assert_close(b.augment_labels[:, 0], b.images[:, 0, 0, 0], rtol=0, atol=0)
+            assert torch.equal(b.labels, labels[index])
+
+
 def test_global_scope_in_one_process_solves_the_union_of_virtual_pools():
     images, labels = toy_data()
     source = RecordingSource(images, labels, seed=2)
