@@ -157,3 +157,43 @@ def test_the_guidance_window_ends_at_sigma_max(how):
         DiscriminatorGuidance(linear_logit, time_max=0.5, sigma_max=1.0)
     with pytest.raises(ValueError, match="time_min < time_max"):
         DiscriminatorGuidance(linear_logit, sigma_max=0.01)  # below DG's lower end (sigma ~0.0447)
+
+
+def test_boosted_weight_is_doubled_only_on_steps_divisible_by_double_period():
+    """D_guided = D + w_k sigma^2 grad r, where w_k = 2 w for samples whose last log-ratio was negative on steps with
+    step % double_period == 0 (and w otherwise). Last ratio (-1, +1), r linear (grad (1, 2)): at step 1 the
+    correction is (w, w) sigma^2 (1, 2); at step 2 (double_period 2) it is (2w, w) sigma^2 (1, 2)."""
+    w, sigma, n = 1.5, 0.8, 10
+    g = DiscriminatorGuidance(linear_logit, weight=w, boost=True, time_min=0.0, boost_period=100, double_period=2)
+    x = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # r(x) = (-1, +1)
+    s = torch.full((2,), sigma, dtype=torch.float64)
+    zero = torch.zeros_like(x)
+    grad = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    corrections = {}
+    for step in range(3):
+        assert g.step_churn(step, n) is None  # boost_period 100: no churn, only the weight doubling is exercised
+        corrections[step] = g(x, s, zero, None, "euler")
+    plain = w * sigma**2 * grad.expand(2, 2)
+    torch.testing.assert_close(corrections[0], plain, rtol=1e-12, atol=0)  # step 0: no last ratio yet
+    torch.testing.assert_close(corrections[1], plain, rtol=1e-12, atol=0)
+    doubled = torch.stack([2 * w * sigma**2 * grad, w * sigma**2 * grad])
+    torch.testing.assert_close(corrections[2], doubled, rtol=1e-12, atol=0)
+
+
+def steep_logit(x, sigma, labels=None):
+    return 20 * x[:, 0]
+
+
+def test_log_ratio_is_clamped_where_the_discriminator_is_clipped():
+    """d clipped to [clip, 1 - clip] clips r = logit to +-ln((1 - clip) / clip) (11.51 for 1e-5) with zero gradient
+    there. logit 20 x_0: at x_0 = +-1 (|logit| 20) r = +-11.51 and grad r = 0; at x_0 = 0.1 r = 2 and grad r = (20, 0)."""
+    bound = math.log((1 - 1e-5) / 1e-5)
+    g = DiscriminatorGuidance(steep_logit, weight=1.0, time_min=0.0)
+    x = torch.tensor([[1.0, 0.3], [-1.0, 0.3], [0.1, 0.3]], dtype=torch.float64)
+    ratio, grad = g.log_ratio_and_grad(x, torch.ones(3, dtype=torch.float64), None)
+    np.testing.assert_allclose(ratio.double().numpy(), [bound, -bound, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(grad.double().numpy(), [[0.0, 0.0], [0.0, 0.0], [20.0, 0.0]], rtol=1e-6, atol=0)
+    # A wider clip: clip = 0.1 bounds r by ln 9, so x_0 = 0.1 (logit 2) is inside and x_0 = 0.2 (logit 4) is not.
+    g9 = DiscriminatorGuidance(steep_logit, weight=1.0, time_min=0.0, clip=0.1)
+    ratio9, grad9 = g9.log_ratio_and_grad(x[[2]] * torch.tensor([[2.0, 1.0]]), torch.ones(1, dtype=torch.float64), None)
+    assert float(ratio9) == pytest.approx(math.log(9), rel=1e-6) and float(grad9.abs().max()) == 0.0

@@ -327,3 +327,46 @@ def test_a_truncated_weights_file_is_a_checkpoint_error(tmp_path):
     cut.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ckpt_io.CheckpointError, match="not a readable .safetensors file"):
         ckpt_io.load_model(cut)
+
+
+# ------------------------------------------------------------------------------------------------ weights files
+def test_checkpoint_files_hold_the_live_and_the_ema_weights_and_loading_picks_the_ema(tmp_path):
+    """model.safetensors = the weights being trained, ema.safetensors = their average, and sampling reads the EMA
+    (EDM's snapshots sample from the EMA network). A swap of either pair leaves every other test green."""
+    run = tmp_path / "run"
+    with Trainer(tiny(), run, progress=False, log=lambda s: None) as t:
+        for _ in range(6):
+            t.step()
+        path = t.save_checkpoint("test")
+        live = {k: v.detach().clone() for k, v in t.net.state_dict().items()}
+        ema = {k: v.detach().clone() for k, v in t.ema.module.state_dict().items()}
+    assert path is not None
+    assert max(float((live[k] - ema[k]).abs().max()) for k in live) > 1e-6  # the two really differ
+    saved = ckpt_io.load_checkpoint(path)
+    for which, expected in ((saved.model, live), (saved.ema, ema)):
+        assert which.keys() == expected.keys()
+        assert all(torch.equal(which[k], expected[k]) for k in expected)
+    for use_ema, expected in ((True, ema), (False, live)):
+        loaded = ckpt_io.load_model(run, ema=use_ema).denoiser.state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), f"ema={use_ema}"
+    assert ckpt_io.resolve_weights(run, ema=False).name == "model.safetensors"
+    assert ckpt_io.resolve_weights(path, ema=True).name == "ema.safetensors"
+
+
+def test_a_weights_file_keeps_its_sigma_data(tmp_path):
+    """A converted model (EDM's sigma_data in the metadata) is preconditioned with that sigma_data, not 0.5."""
+    from safetensors.torch import save_file
+
+    from aotdiff.diffusion import Precond
+
+    run = tmp_path / "run"
+    train(tiny(duration_kimg=0.128, snapshot_kimg=0.128), run, progress=False, log=lambda s: None)
+    tensors, meta = ckpt_io.read_weights(ckpt_io.resolve_weights(run))
+    save_file(tensors, str(tmp_path / "sd.safetensors"), metadata={**meta, "sigma_data": "0.6"})
+    loaded = ckpt_io.load_model(tmp_path / "sd.safetensors").denoiser
+    assert loaded.sigma_data == 0.6
+    reference = Precond(ckpt_io.load_model(run).denoiser.net, sigma_data=0.6).eval()
+    x, sigma = torch.randn(5, 2), torch.tensor([0.01, 0.3, 1.0, 4.0, 50.0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, sigma), reference(x, sigma), rtol=0, atol=0)
+        assert not torch.allclose(loaded(x, sigma), ckpt_io.load_model(run).denoiser(x, sigma))

@@ -9,7 +9,15 @@ import torch
 
 from aotdiff.diffusion import gaussian_denoiser, gaussian_ode_solution, mixture_denoiser
 from aotdiff.generate import SamplerSettings, generate, parse_seeds
-from aotdiff.sampling import SeedRNG, expected_nfe, karras_sigmas, latents_from_seeds, sample, sample_from_seeds
+from aotdiff.sampling import (
+    SeedRNG,
+    expected_nfe,
+    karras_sigmas,
+    latents_from_seeds,
+    sample,
+    sample_from_seeds,
+    to_uint8,
+)
 
 STD = 0.5
 
@@ -155,6 +163,89 @@ def test_callback_sees_every_evaluation_with_the_right_slope():
     assert [s.stage for s in seen] == ["euler", "heun"] * 3 + ["euler"]
     for s in seen:
         torch.testing.assert_close(s.slope, (s.x - gaussian(s.x, torch.tensor(s.sigma))) / s.sigma)
+
+
+def zero_denoiser(x, sigma, labels=None):
+    return torch.zeros_like(x)
+
+
+def _replay_draws(seeds, shape, count):
+    """The first ``count`` standard-normal draws of each seed's own generator, as SeedRNG makes them."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return [torch.stack([torch.randn(shape, generator=g) for g in gens]).double() for _ in range(count)]
+
+
+def test_churn_raises_sigma_by_the_capped_gamma_and_adds_exactly_matching_noise():
+    """EDM Algorithm 2, lines 4-6, replayed by hand: gamma = min(S_churn / N, sqrt(2) - 1) only where
+    S_tmin <= t_cur <= S_tmax; t_hat = (1 + gamma) t_cur; x_hat = x_cur + sqrt(t_hat^2 - t_cur^2) S_noise eps.
+    With S_churn = 100 (gamma capped at sqrt(2) - 1): t_hat = sqrt(2) t_1 and the noise std is t_1 sqrt(2 - 1) S_noise.
+    Churn window [t_1, t_1]: only step 1 (whose *current* level is t_1) is churned, and it draws once per seed."""
+    seeds, shape, s_noise = [3, 11, 42], (5,), 0.7
+    sigmas = karras_sigmas(4)
+    t = [float(v) for v in sigmas]
+    rng = SeedRNG(seeds)
+    latents = rng.randn(shape)
+    seen = []
+    sample(zero_denoiser, latents, sigmas, churn=100.0, s_min=t[1], s_max=t[1], s_noise=s_noise, rng=rng,
+           callback=seen.append)  # fmt: skip
+    lat, eps, after = _replay_draws(seeds, shape, 3)
+    euler = {s.step: s for s in seen if s.stage == "euler"}
+    end_of_step = {s.step: s.x_next for s in seen}  # the last evaluation of each step holds its final state
+    x_cur = [lat * t[0]] + [end_of_step[i] for i in range(3)]
+    assert sorted(euler) == [0, 1, 2, 3]
+    for i in (0, 2, 3):  # outside the window: no churn, the network sees (x_cur, t_cur) unchanged
+        assert euler[i].sigma == t[i]
+        torch.testing.assert_close(euler[i].x, x_cur[i], rtol=0, atol=0)
+    assert math.isclose(euler[1].sigma, t[1] * math.sqrt(2.0), rel_tol=1e-15)
+    torch.testing.assert_close(euler[1].x, x_cur[1] + t[1] * math.sqrt(2 - 1) * s_noise * eps, rtol=0, atol=1e-12)
+    # Exactly one churn draw per seed was made: each generator's next draw is the replay's third.
+    torch.testing.assert_close(rng.randn(shape).double(), after, rtol=0, atol=0)
+
+
+class BoostStub:
+    """Guidance that changes nothing but asks for per-sample churn S_churn = 2 of sample 0 at step 1."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __call__(self, x, sigma, denoised, labels, stage):
+        return denoised
+
+    def step_churn(self, step, num_steps):
+        if step != 1:
+            return None
+        return torch.arange(self.batch) == 0, 2.0
+
+
+def test_per_sample_boost_churn_uses_gamma_boost_churn_over_n():
+    """Per-sample churn (DG boosting) is EDM churn with gamma = min(S_churn / N, sqrt(2) - 1) for the flagged samples:
+    S_churn = 2, N = 8 -> sigma_0 = t_1 (1 + 2/8); the others stay at t_1 and get no noise. The flagged sample's noise
+    is sqrt(t_hat^2 - t_1^2) eps_0, eps_0 its own seed's next draw."""
+    seeds, shape = [5, 6, 7], (4,)
+    sigmas = karras_sigmas(8)
+    t1 = float(sigmas[1])
+    rng = SeedRNG(seeds)
+    latents = rng.randn(shape)
+    seen = []
+    sample(zero_denoiser, latents, sigmas, rng=rng, guidance=BoostStub(len(seeds)), callback=seen.append)
+    step1 = next(s for s in seen if s.step == 1 and s.stage == "euler")
+    x_cur = [s for s in seen if s.step == 0][-1].x_next
+    expected_sigma = torch.tensor([t1 * (1 + 2 / 8), t1, t1], dtype=torch.float64)
+    torch.testing.assert_close(step1.sigma, expected_sigma, rtol=1e-15, atol=0)
+    _, eps = _replay_draws(seeds, shape, 2)
+    noise = math.sqrt((t1 * 1.25) ** 2 - t1**2) * eps[0]
+    torch.testing.assert_close(step1.x[0], x_cur[0] + noise, rtol=0, atol=1e-12)
+    torch.testing.assert_close(step1.x[1:], x_cur[1:], rtol=0, atol=0)
+
+
+def test_to_uint8_uses_edm_rounding():
+    """EDM's conversion (x * 127.5 + 128).clip(0, 255) truncated to uint8: pixel k's value k / 127.5 - 1 maps back to
+    k (k + 0.5 truncates to k) for every k; -1 -> 0, 0 -> 128, 1 -> 255, and values outside [-1, 1] clip."""
+    k = torch.arange(256, dtype=torch.float64)
+    out = to_uint8(k / 127.5 - 1)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), k.long())
+    pts = to_uint8(torch.tensor([-1.0, 0.0, 1.0, -3.0, 3.0], dtype=torch.float64))
+    assert pts.tolist() == [0, 128, 255, 0, 255]
 
 
 def test_guidance_adjusts_the_denoised_estimate():
