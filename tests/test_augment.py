@@ -192,6 +192,35 @@ def test_labels_describe_the_affine_transform_applied(interpolation: str) -> Non
     assert checked > 150
 
 
+def test_rotated_anisotropic_stretch_is_along_the_labelled_axis() -> None:
+    """Anisotropic scaling along a random axis (aniso_rotate_prob 1, nothing else): a centred round blob becomes an
+    ellipse with covariance sigma^2 M M^T, M = R(-r) diag(s, 1/s) R(r), s = 2^(0.2 w), r = atan2 of the label pair:
+    the stretch axis is at -r in pixel coordinates (y down), the same sign convention as the rotation label (see
+    _forward_map). The label (w cos r, w sin r) is also that of (-w, r + pi), i.e. of diag(1/s, s), so either is
+    accepted; an axis at +r (the conjugation in the other order) matches neither unless r is a multiple of pi / 2."""
+    size, sigma = 48, 2.5
+    centre = (size - 1) / 2
+    images = _blob(size, (centre, centre), sigma).to(torch.float32).expand(64, 1, size, size).contiguous()
+    pipe = AugmentPipe(p=1, xflip=0, yflip=0, scale=0, rotate_frac=0, translate_frac=0, aniso_rotate_prob=1)
+    out, labels = pipe(images, torch.Generator().manual_seed(5))
+    checked = 0
+    for i in range(64):
+        w = math.hypot(float(labels[i, 5]), float(labels[i, 6]))
+        r = math.atan2(float(labels[i, 6]), float(labels[i, 5]))
+        if w < 0.3 or min(abs(math.sin(2 * r)), abs(math.cos(2 * r))) < 0.3:
+            continue  # nearly round, or an axis where the two readings and the wrong order coincide
+        candidates = []
+        for s in (2 ** (0.2 * w), 2 ** (-0.2 * w)):
+            m = _rotation(-r) @ torch.diag(torch.tensor([s, 1 / s], dtype=torch.float64)) @ _rotation(r)
+            candidates.append(sigma**2 * m @ m.T)
+        radius = 5 * sigma * 2 ** (0.2 * w)
+        _, cov = _moments(out[i, 0], torch.tensor([centre, centre], dtype=torch.float64), radius)
+        error = min(float((cov - c).abs().max()) for c in candidates)
+        assert error < 0.05 * sigma**2 * 2 ** (0.4 * w), (i, w, r, cov, candidates)
+        checked += 1
+    assert checked > 10
+
+
 def test_bad_arguments_are_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="yflip must be a finite number >= 0"):
         AugmentPipe(yflip=-1)
