@@ -205,3 +205,32 @@ def test_format_seeds_round_trips_through_parse_seeds():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         curvature_report(gaussian, (2,), **kwargs)
+
+
+def test_generate_draws_the_latent_then_the_label_from_each_seeds_generator():
+    """aotdiff.generate (and so `aotdiff sample`, `fid`, `sweep`) draws, per seed and from that seed's own generator,
+    the latent first and then the class label: the order curvature_report relies on for "trajectory k is sample k".
+    The first network call sees x = sigma_max * latent; with D = the label's point the sample is that point, and
+    neither depends on the batch size."""
+    from aotdiff.generate import SamplerSettings, generate
+
+    points = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]], dtype=torch.float64)
+    seeds = [3, 4, 5, 6, 7, 8]
+    rng = SeedRNG(seeds)
+    latents = rng.randn((2,)).to(torch.float64)
+    labels = seed_labels(rng, 3, None)
+    assert len(set(labels.tolist())) > 1
+    first: list[torch.Tensor] = []
+
+    def per_class_point(x, sigma, y):
+        if not first:
+            first.append(x.clone())
+        return points[y]
+
+    settings = SamplerSettings(steps=4)
+    for batch_size in (6, 4):
+        batches = list(generate(per_class_point, seeds, (2,), settings=settings, num_classes=3, batch_size=batch_size))
+        got = torch.cat([b.labels for b in batches])
+        assert torch.equal(got, labels)
+        torch.testing.assert_close(torch.cat([b.raw for b in batches]), points[labels], rtol=0, atol=1e-12)
+    torch.testing.assert_close(first[0], latents * 80.0, rtol=1e-12, atol=0)

@@ -431,3 +431,32 @@ def test_bad_npz_files_are_refused(tmp_path: Path, arrays: dict, message: str) -
     np.savez(path, **arrays)
     with pytest.raises(DatasetError, match=f"'{path}'.*{message}"):
         load_dataset(path)
+
+
+def test_with_padding_surrounds_every_image_with_the_given_value() -> None:
+    """with_padding(p, v): out[:, :, p:-p, p:-p] is the image, every other pixel equals v exactly (no resampling),
+    the labels stay with their images."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 2, 4, 4), dtype=np.uint8)
+    dataset = ImageDataset(images, np.array([2, 0, 1]), num_classes=3, name="p")
+    padded = dataset.with_padding(2, value=201)
+    assert padded.images.shape == (3, 2, 8, 8)
+    assert np.array_equal(padded.images[:, :, 2:6, 2:6], images)
+    border = np.ones((8, 8), dtype=bool)
+    border[2:6, 2:6] = False
+    assert (padded.images[:, :, border] == 201).all()
+    assert np.array_equal(padded.labels, [2, 0, 1])
+
+
+def test_resize_uses_the_requested_filter() -> None:
+    """Upsampling a step edge (50 | 200): bilinear interpolation is a convex combination of neighbouring pixels, so
+    it stays within [50, 200] and is monotone along each row; Lanczos (a sinc window with negative lobes) over- and
+    undershoots next to the edge. So 'bilinear' and the default 'lanczos' must give different, recognisable images."""
+    image = np.full((1, 1, 8, 8), 50, dtype=np.uint8)
+    image[..., 4:] = 200
+    dataset = ImageDataset(image, name="edge")
+    bilinear = dataset.resize(20, "bilinear").images[0, 0].astype(int)
+    lanczos = dataset.resize(20).images[0, 0].astype(int)
+    assert bilinear.min() >= 50 and bilinear.max() <= 200
+    assert (np.diff(bilinear, axis=1) >= 0).all() and (bilinear[:, -1] == 200).all()
+    assert lanczos.min() < 50 and lanczos.max() > 200

@@ -190,3 +190,133 @@ def test_point_discriminators_saved_without_a_window_get_the_point_window(toy_ru
 
     disc = build_discriminator("mlp", shape=(2,), num_classes=0, width=16, depth=1)
     assert "guide_sigma_max" not in disc.spec and disc.guide_sigma_max == POINT_GUIDE_SIGMA_MAX == 1.0
+
+
+# ------------------------------------------------------------------------------------- what the heads are fed
+def test_denoiser_discriminator_features_are_the_base_encoder_on_its_training_inputs():
+    """The 'denoiser' extractor must see what the base network saw in training: x_in = c_in(sigma) x with
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4 and the one-hot class. Replayed through the
+    base Precond itself (a hook records the raw network's inputs), so the head's features must equal
+    net.encode(x_in, c_noise, onehot) exactly, at several sigma per batch."""
+    from aotdiff.diffusion import Precond
+    from aotdiff.guidance.discriminator import build_discriminator
+    from aotdiff.nets import small_songunet
+
+    torch.manual_seed(0)
+    base = Precond(small_songunet(8, 1, label_dim=3, model_channels=8), label_dim=3).eval()
+    disc = build_discriminator("denoiser", shape=(1, 8, 8), num_classes=3, base=base, width=32, depth=1)
+    x = torch.randn(4, 1, 8, 8) * 3
+    sigma = torch.tensor([0.01, 0.5, 3.0, 70.0])
+    labels = torch.tensor([2, 0, 1, 2])
+    seen: dict[str, tuple] = {}
+    net = disc.extractor.net
+    h1 = net.register_forward_pre_hook(lambda m, args: seen.__setitem__("net", args))
+    h2 = disc.head.register_forward_pre_hook(lambda m, args: seen.__setitem__("head", args))
+    with torch.no_grad():
+        disc.extractor(x, sigma, labels)  # the base denoiser as training ran it
+        x_in, c_noise, onehot = seen["net"][:3]
+        disc(x, sigma, labels)
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(x_in, x / torch.sqrt(sigma**2 + 0.25).view(-1, 1, 1, 1))
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    with torch.no_grad():
+        torch.testing.assert_close(seen["head"][0], net.encode(x_in, c_noise, onehot), rtol=1e-6, atol=1e-6)
+
+
+def test_point_discriminator_reads_the_vp_scaled_point_and_log_sigma():
+    """The 'mlp' discriminator's head sees the VP-scaled state x_vp = alpha x with alpha = 1 / sqrt(1 + sigma^2)
+    (the VP point with the same signal-to-noise ratio as the EDM state x) and the noise label ln(sigma) / 4."""
+    from aotdiff.guidance.discriminator import build_discriminator
+
+    disc = build_discriminator("mlp", shape=(2,), width=16, depth=1)
+    x = torch.randn(3, 2) * 4
+    sigma = torch.tensor([0.02, 1.0, 40.0])
+    seen: dict[str, tuple] = {}
+    hook = disc.head.register_forward_pre_hook(lambda m, args: seen.__setitem__("head", args))
+    with torch.no_grad():
+        disc(x, sigma)
+    hook.remove()
+    torch.testing.assert_close(seen["head"][0], x / torch.sqrt(1 + sigma**2)[:, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["head"][1], sigma.log() / 4)
+
+
+def test_real_fake_source_targets_mark_exactly_the_real_items():
+    """Items [0, num_real) are real (target 1), the rest fake (target 0); the pairing key is real (unconditional) or
+    class x 2 + real, and targets/keys stay row-aligned with their items whatever order the epoch draws them in."""
+    from aotdiff.guidance.train import RealFake, RealFakeSource
+
+    items = torch.arange(10, dtype=torch.float32).view(10, 1).repeat(1, 2)  # item i holds the value i
+    classes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    for labels in (None, classes):
+        source = RealFakeSource(RealFake(items, labels, num_real=4), seed=3, device=torch.device("cpu"))
+        for _ in range(3):  # crosses an epoch boundary (10 items, draws of 4)
+            draw = source.draw(4)
+            idx = draw.images[:, 0].long()
+            real = (idx < 4).long()
+            assert torch.equal(draw.augment_labels[:, 0], real.float())
+            assert torch.equal(draw.labels, real if labels is None else classes[idx] * 2 + real)
+
+
+def test_fakes_are_read_from_nhwc_uint8_into_model_space(tmp_path):
+    """read_fakes: uint8 images [N, H, W, C] (aotdiff's sample format) -> float32 [N, C, H, W] with
+    out[n, c, h, w] = images[n, h, w, c] / 127.5 - 1 (0 -> -1, 255 -> 1), checked on square images whose transpose
+    differs, so an H <-> W swap cannot pass."""
+    from aotdiff.guidance.train import read_fakes
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 4, 4, 2), dtype=np.uint8)
+    images[0, 0, 0, 0], images[0, 0, 1, 0] = 0, 255
+    np.savez(tmp_path / "f.npz", images=images, labels=np.array([1, 0, 2]))
+    items, labels = read_fakes(tmp_path / "f.npz", (2, 4, 4))
+    expected = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+    torch.testing.assert_close(items, expected, rtol=0, atol=0)
+    assert items[0, 0, 0, 0] == -1 and items[0, 0, 0, 1] == 1
+    assert torch.equal(labels, torch.tensor([1, 0, 2]))
+
+
+def test_head_average_follows_the_ema_recursion_step_by_step(toy_run, tmp_path):
+    """--ema-kimg H: after a step of n images, avg <- beta avg + (1 - beta) head with beta = 0.5^(n / h) and the
+    half-life h = min(1000 H, 0.1 x images seen, this step's n included); the average starts as the initial head.
+    Replayed in float64 from the live head after every step (lr 1e-2 so that the weights move visibly)."""
+    _shifted_fakes(toy_run, tmp_path / "fakes.npz")
+    cfg = DGConfig(base=str(toy_run), fakes=str(tmp_path / "fakes.npz"), kimg=1.024, batch=128, lr=1e-2,
+                   ema_kimg=0.05, device="cpu", tick_kimg=0.128, snapshot_kimg=0.512)  # fmt: skip
+    with DGTrainer(cfg, tmp_path / "disc", progress=False) as t:
+        expected = {k: v.detach().double().clone() for k, v in t.ema.module.state_dict().items()}
+        for _ in range(5):
+            seen = t.nimg
+            t.step()
+            n = t.nimg - seen
+            beta = 0.5 ** (n / min(50.0, 0.1 * (seen + n)))
+            for k, v in t.disc.head.state_dict().items():
+                expected[k] = beta * expected[k] + (1 - beta) * v.detach().double()
+            for k, v in t.ema.module.state_dict().items():
+                torch.testing.assert_close(v.double(), expected[k], rtol=0, atol=2e-6)
+        gap = max(float((t.ema.module.state_dict()[k] - t.disc.head.state_dict()[k]).abs().max()) for k in expected)
+        assert gap > 1e-4  # a genuine average, not a copy of the head
+
+
+def test_conditional_discriminator_is_given_each_items_own_class(tmp_path, monkeypatch):
+    """Conditional DG: the pairing key of a row is class x 2 + real, and the discriminator must be told the row's
+    class = key // 2, the label of the very item in that row (real digit or labelled fake). Checked row by row by
+    looking every perturbed row's clean item up in the real + fake table."""
+    run = tmp_path / "digits"
+    cfg = preset_config("digits", cond=True, duration_kimg=0.016, batch=16, model_channels=8, grid_seeds=0,
+                        device="cpu")  # fmt: skip
+    train(cfg, run, progress=False)
+    dg = DGConfig(base=str(run), num_fakes=16, steps=1, batch=32, width=16, kimg=0.032, device="cpu")
+    with DGTrainer(dg, tmp_path / "disc", progress=False) as t:
+        seen: list[torch.Tensor] = []
+        real_forward = t.disc.forward
+        monkeypatch.setattr(t.disc, "forward", lambda x, s, c=None: seen.append(c.clone()) or real_forward(x, s, c))
+        drawn: list = []
+        real_next = t.stream.next
+        monkeypatch.setattr(t.stream, "next", lambda: drawn.append(real_next()) or drawn[-1])
+        t.step()
+        batch = drawn[0]
+        items, labels = t.data.items.flatten(1), t.data.labels
+        assert len(seen) == 1 and len(set(seen[0].tolist())) > 1
+        for row, cls in zip(batch.images.flatten(1), seen[0]):
+            match = (items == row).all(dim=1)
+            assert match.any() and int(cls) in set(labels[match].tolist())

@@ -606,3 +606,19 @@ def test_reader_handles_numpy_scalars_and_shared_storages(tmp_path):
         got = read_edm_pickle(p).data
         assert got["a"] == 0.25 and got["b"] == 3 and got["od"] == {"x": 1}
         assert torch.equal(got["views"][0], base[:3]) and torch.equal(got["views"][1], base[3:])
+
+
+def test_conditional_pickle_without_network_arguments_takes_them_from_edmprecond(tmp_path):
+    """A SongUNet pickled without ``_init_kwargs`` is built from EDMPrecond's arguments, as EDM builds it:
+    img_channels -> in/out channels and label_dim -> the class embedding. A conditional network converted this way
+    keeps its labels and reproduces the original outputs exactly."""
+    denoiser = small_denoiser("ddpmpp", 10)
+    ema = edm_tree(edm_state_dict(denoiser), edm_precond_kwargs(denoiser))
+    ema.state["_modules"]["model"].state.pop("_init_kwargs")
+    path = tmp_path / "network-snapshot-000001.pkl"
+    path.write_bytes(pickle.dumps({"ema": ema}, protocol=4))
+    back = convert_edm_pickle(path).denoiser
+    assert back.label_dim == 10 and back.net.config["label_dim"] == 10
+    x, sigma, labels, aug = _inputs(label_dim=10)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, sigma, labels, aug), denoiser(x, sigma, labels, aug), rtol=0, atol=0)

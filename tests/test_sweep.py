@@ -356,3 +356,38 @@ def test_list_parsing_and_labels():
         with pytest.raises(ValueError, match="--rho must list positive numbers"):
             parse_float_list(f"7,{bad}", "--rho")
     assert run_label(["runs/a/aot", "runs/b/aot", "runs/ind"]) == ["runs/a/aot", "runs/b/aot", "ind"]
+
+
+def test_generate_hands_every_churn_setting_to_the_sampler():
+    """generate(seeds, settings) is sample(latents, settings.sigmas(), churn, s_min, s_max, s_noise, rng) with each
+    seed's generator continuing after its latent, exactly; and each of the four churn fields changes the samples
+    (Gaussian data, churn on), so a field that generate dropped or replaced by its default would show."""
+    from dataclasses import replace
+
+    from aotdiff.sampling import sample
+
+    def denoiser(x, sigma, labels=None):
+        return gaussian_denoiser(x, sigma, 0.5)
+
+    seeds, shape = [0, 1, 2, 3, 4], (3,)
+    base = SamplerSettings(steps=6, churn=30.0, s_min=0.05, s_max=20.0, s_noise=1.007)
+    variants = [
+        base,
+        replace(base, s_noise=0.5),
+        replace(base, churn=1.0),  # gamma = min(churn / steps, sqrt(2) - 1): below the cap
+        replace(base, s_min=1.0),
+        replace(base, s_max=2.0),
+    ]
+    results = []
+    for st in variants:
+        got = next(generate(denoiser, seeds, shape, settings=st, batch_size=5)).raw
+        rng = SeedRNG(seeds)
+        latents = rng.randn(shape)
+        want = sample(
+            denoiser, latents, st.sigmas(), solver=st.solver, churn=st.churn, s_min=st.s_min, s_max=st.s_max,
+            s_noise=st.s_noise, rng=rng,
+        ).images  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        results.append(got)
+    for other in results[1:]:
+        assert (other - results[0]).abs().max() > 1e-3

@@ -271,3 +271,22 @@ def test_a_dataset_that_does_not_fit_the_preset_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="2-D point data"):
         Trainer(tiny(), tmp_path / "run", dataset=load_dataset("digits"), progress=False)
+
+
+@pytest.mark.parametrize("name", ["cifar10-uncond", "cifar10-cond", "edm-cifar10-uncond"])
+def test_cifar10_presets_carry_the_published_training_hyperparameters(name):
+    """EDM's CIFAR-10 recipe (Karras et al. 2022, Table 7; kept by the AOT code): Adam lr 1e-3 reached over a 10 Mimg
+    linear ramp, EMA half-life 0.5 Mimg with ramp-up ratio 0.05, dropout 13 %, augmentation probability 12 %,
+    200 Mimg; batch 256 for AOT (4 GPUs x 64), 512 for EDM's own DDPM++ baseline; NCSN++ / DDPM++ with 128 base
+    channels, multipliers (2, 2, 2), 4 blocks per level, attention at 16 x 16."""
+    cfg = preset_config(name, data="unused.zip")
+    assert (cfg.lr, cfg.lr_rampup_kimg) == (1e-3, 10_000.0)
+    assert (cfg.ema_halflife_kimg, cfg.ema_rampup_ratio) == (500.0, 0.05)
+    assert (cfg.dropout, cfg.augment, cfg.duration_kimg) == (0.13, 0.12, 200_000.0)
+    assert (cfg.model_channels, list(cfg.channel_mult), cfg.num_blocks) == (128, [2, 2, 2], 4)
+    assert list(cfg.attn_resolutions) == [16]
+    if name.startswith("edm"):
+        assert (cfg.arch, cfg.batch, cfg.coupling) == ("ddpmpp", 512, "independent")
+    else:
+        assert (cfg.arch, cfg.batch, cfg.coupling) == ("ncsnpp", 256, "aot")
+        assert cfg.cond == (name == "cifar10-cond")
