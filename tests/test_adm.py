@@ -305,3 +305,80 @@ def test_load_errors(tmp_path: Path) -> None:
     torch.save(head.state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])  # an interrupted download
     assert "not a readable torch file" in _one_line_error(head, truncated)
+
+
+# --- forward passes written out from the paper's definitions (random weights: a zero layer hides wiring) -------------
+
+
+def _group_norm(h: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm by hand: per sample and group of C/G channels, (h - mean) / sqrt(var + eps), then gamma, beta."""
+    b, c, *rest = h.shape
+    g = h.reshape(b, norm.num_groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    shape = (1, c) + (1,) * len(rest)
+    return g.reshape(h.shape) * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+
+
+def _pool2(h: torch.Tensor) -> torch.Tensor:
+    b, c, n, m = h.shape
+    return h.reshape(b, c, n // 2, 2, m // 2, 2).mean(dim=(3, 5))
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_resblock_is_adagn_written_out(down: bool) -> None:
+    """ADM's residual block (Dhariwal & Nichol 2021, sec. 3, AdaGN), every weight random:
+
+    h = conv1(P(silu(GN1(x)))),  (s, b) = Linear(silu(emb)),  h = conv2(silu(GN2(h) * (1 + s) + b)),
+    out = skip(P(x)) + h, with P the 2x2 average pool when down-sampling (before conv1, as guided-diffusion does)
+    and the identity otherwise. Catches a swapped scale / shift, a missing "1 +" and a pool after the conv.
+    """
+    torch.manual_seed(0)
+    block = randomized(ResBlock(32, 16, out_channels=64, down=down, norm_groups=8), seed=5)
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    conv1, conv2 = block.in_layers[2], block.out_layers[3]
+    h = F_silu(_group_norm(x, block.in_layers[0]))
+    skip_in = x
+    if down:
+        h, skip_in = _pool2(h), _pool2(x)
+    h = torch.nn.functional.conv2d(h, conv1.weight, conv1.bias, padding=1)
+    e = torch.nn.functional.linear(F_silu(emb), block.emb_layers[1].weight, block.emb_layers[1].bias)
+    scale, shift = e[:, :64, None, None], e[:, 64:, None, None]
+    h = F_silu(_group_norm(h, block.out_layers[0]) * (1 + scale) + shift)
+    h = torch.nn.functional.conv2d(h, conv2.weight, conv2.bias, padding=1)
+    skip = block.skip_connection
+    expected = torch.nn.functional.conv2d(skip_in, skip.weight, skip.bias) + h
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+
+
+def F_silu(x: torch.Tensor) -> torch.Tensor:  # noqa: N802 - reads like the functional op it spells out
+    return x * torch.sigmoid(x)
+
+
+def test_attention_pool_is_clip_pooling_written_out() -> None:
+    """CLIP / ADM attention pooling: tokens z = [mean_p x_p, x_1..x_HW] + E (positional embedding), qkv = W z + c,
+    per head (new layout) o_0 = sum_s softmax_s(q_0 . k_s / sqrt(ch)) v_s over all HW + 1 tokens, out = P o_0 + d.
+    Only the mean token's output is returned; reading another token, or dropping the mean token, changes it."""
+    torch.manual_seed(0)
+    from aotdiff.guidance.adm import AttentionPool2d
+
+    pool = randomized(AttentionPool2d(spatial=3, channels=8, num_head_channels=4, out_channels=5), seed=6).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    heads, ch = 2, 4
+    with torch.no_grad():
+        out = pool(x)
+        for i in range(2):
+            tokens = x[i].reshape(8, 9)
+            z = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + pool.positional_embedding
+            qkv = pool.qkv_proj.weight[:, :, 0] @ z + pool.qkv_proj.bias[:, None]
+            q, k, v = qkv[:8], qkv[8:16], qkv[16:]
+            o0 = torch.cat(
+                [
+                    _attention_reference(q[h * ch : (h + 1) * ch], k[h * ch : (h + 1) * ch], v[h * ch : (h + 1) * ch])[
+                        :, 0
+                    ]
+                    for h in range(heads)
+                ]
+            )
+            expected = pool.c_proj.weight[:, :, 0] @ o0 + pool.c_proj.bias
+            torch.testing.assert_close(out[i], expected, rtol=1e-10, atol=1e-10)

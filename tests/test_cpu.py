@@ -86,3 +86,27 @@ def test_machine_load_counts_busy_cores_now():
         busy.kill()
         busy.wait()
     assert loaded >= 0.6  # at least most of one core (other test workers may add more)
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(2, 0.7, 2), (2, 0.8, 1), (4, 1.74, 3), (4, 1.76, 2)])
+def test_a_partly_free_core_counts_only_from_a_quarter(cores, load, expected):
+    """threads = max(1, ceil(free - 1/4)), free = cores - load: a fraction of a free core below 1/4 is dropped
+    (2 - 0.8 = 1.2 -> 1), from 1/4 on it counts as a core (2 - 0.7 = 1.3 -> 2; 4 - 1.74 = 2.26 -> 3)."""
+    assert cpu.auto_threads(cores, load) == expected
+
+
+def test_cpu_times_count_idle_and_iowait_as_not_busy(monkeypatch):
+    """/proc/stat 'cpu user nice system idle iowait irq softirq steal ...': busy = total - idle - iowait (a process
+    waiting for the disk leaves its core free), and machine_load = busy share of the window x CPU count."""
+    import io
+
+    lines = iter(["cpu  100 20 30 400 50 6 7 8 0 0\n", "cpu  160 20 50 420 100 6 7 8 0 0\n"])
+    monkeypatch.setattr(cpu, "open", lambda *a, **k: io.StringIO(next(lines)), raising=False)
+    assert cpu._cpu_times() == (621.0 - 450.0, 621.0)
+    # Next sample: +80 busy (user 60, system 20), +20 idle, +50 iowait -> 80 / 150 of the time busy.
+    assert cpu._cpu_times() == (171.0 + 80.0, 771.0)
+    samples = iter([(171.0, 621.0), (251.0, 771.0)])
+    monkeypatch.setattr(cpu, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cpu.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 6)
+    assert cpu.machine_load(0.5) == pytest.approx(80.0 / 150.0 * 6)

@@ -779,3 +779,71 @@ def test_commands_make_their_pictures_with_only_the_core_dependencies(toy_run, t
     for png in (grid, report.with_suffix(".png")):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert np.asarray(Image.open(png)).std() > 0  # a picture, not a blank canvas
+
+
+def test_quality_table_keeps_guided_and_unguided_cells_apart():
+    """The sweep table has one line per (run, metric, solver, rho, DG weight) and one column per NFE; a guided and an
+    unguided cell of the same run, solver, rho and NFE are two lines, each with its own value, and the steps note
+    counts the discriminator gradients of the guided cells only."""
+    from aotdiff.report import quality_table
+    from aotdiff.sweep import SweepRow
+
+    rows = [
+        SweepRow("aot", "FD", "heun", 5, 7.0, 9, 1.5, 100),
+        SweepRow("aot", "FD", "heun", 5, 7.0, 9, 0.75, 100, dg_weight=2.0, discriminator_evals=5),
+        SweepRow("aot", "FD", "heun", 3, 7.0, 5, 3.25, 100),
+    ]
+    lines = quality_table(rows).splitlines()
+    assert lines[0] == "| run | metric | solver | ρ | DG w | NFE 5 | NFE 9 |"
+    assert "| aot | FD | heun | 7 | 0 | 3.25 | 1.5 |" in lines
+    assert "| aot | FD | heun | 7 | 2 |  | 0.75 |" in lines
+    assert "NFE 9 = heun 5 steps (+ 5 discriminator gradients where DG w > 0)" in lines[-1]
+    assert "NFE 5 = heun 3 steps;" in lines[-1]
+
+
+def test_bench_train_counts_every_image_of_an_accumulated_step(monkeypatch):
+    """img/s = images per optimizer step x timed steps / seconds, for the trainer and the bare loop alike. With
+    batch 16 in micro-batches of 8 (2 accumulation rounds) both process 16 images a step; on a clock that advances
+    exactly 1 s per reading, each phase of each round lasts 1 s, so both rates are 16 x steps / 1 and the efficiency
+    is exactly 1 (counting one micro-batch per bare step would halve the bare rate)."""
+    import types
+
+    from aotdiff import bench
+    from aotdiff.train.config import preset_config
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    cfg = preset_config("toy2d", batch=16, batch_gpu=8)
+    result = bench.train_speed(cfg, torch.device("cpu"), steps=2, warmup=1, rounds=2)
+    assert result.steps == 4 and result.batch == 16
+    assert result.img_per_s == 16 * 2 and result.bare_img_per_s == 16 * 2
+    assert result.trainer_efficiency == 1.0 and result.ms_per_step == 1e3 * 2 / 4
+
+
+def test_w2_reference_is_the_exact_distribution_sampled_with_its_own_seed():
+    """The W2 reference is ``num`` fresh points of the toy's exact sampler drawn from a generator seeded with
+    ``reference_seed``: the same seed replays the same points, another seed gives other points (a fixed seed would
+    make every sweep compare against one draw whatever was asked)."""
+    from aotdiff.data import get_toy
+    from aotdiff.metrics.quality import make_quality, toy_reference
+
+    expected = get_toy("moons").sample(64, torch.Generator().manual_seed(7)).numpy().astype(np.float64)
+    np.testing.assert_array_equal(toy_reference("toy:moons", 64, 7), expected)
+    assert not np.array_equal(toy_reference("toy:moons", 64, 8), expected)
+    quality = make_quality("w2", (2,), {"data": "toy:moons"}, where="run", num=64, reference_seed=7)
+    np.testing.assert_array_equal(quality.reference, expected)
+
+
+def test_cuda_without_an_index_is_this_processs_local_rank(monkeypatch):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK: 'cuda' and 'auto' mean cuda:<local rank>, an
+    explicit 'cuda:N' means N, and N must be below the device count (simulated: 4 devices, no GPU needed)."""
+    from aotdiff.train.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("cuda", 2) == torch.device("cuda", 2)
+    assert pick_device("auto", 3) == torch.device("cuda", 3)
+    assert pick_device("cuda:1", 2) == torch.device("cuda", 1)
+    assert pick_device("cpu", 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="4 CUDA device"):
+        pick_device("cuda", 4)

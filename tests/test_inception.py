@@ -240,3 +240,70 @@ def test_missing_file_is_explained_and_cache_is_searched(tmp_path, monkeypatch):
     explicit = tmp_path / "mine.pt"
     explicit.write_bytes(b"x")
     assert find_detector_file(explicit) == explicit
+
+
+def _window_mean_of_real_pixels(x: torch.Tensor) -> torch.Tensor:
+    """TF 'SAME' 3x3 stride-1 average pooling written out: the sum over the in-image part of each window divided by
+    the number of in-image pixels in it (9 inside, 6 on an edge, 4 in a corner)."""
+    c = x.shape[1]
+    ones = torch.ones(c, 1, 3, 3, dtype=x.dtype)
+    total = F.conv2d(F.pad(x, (1, 1, 1, 1)), ones, groups=c)
+    count = F.conv2d(F.pad(torch.ones_like(x[:, :1]), (1, 1, 1, 1)), ones[:1])
+    return total / count
+
+
+def test_stage_sizes_and_pooling_branches_are_the_tf_graphs():
+    """The 2015-12-05 graph's geometry, checked inside a forward pass (a wrong stride or padding still runs to a
+    2048-d vector through the adaptive pool, so only the intermediate sizes reveal it):
+
+    299 -conv3/2-> 149 -conv3-> 147 -conv3 pad1-> 147 -maxpool3/2-> 73 -conv1-> 73 -conv3-> 71 -maxpool3/2-> 35
+    (Mixed_5b-d, 192/256/288 channels) -Mixed_6a-> 17 (768) -Mixed_7a-> 8 (1280) -Mixed_7b-> 8 (2048) -> Mixed_7c.
+    Pool branches: A, C and the first E block average over real pixels only (count_include_pad=False), the last E
+    block takes a 3x3 stride-1 max; the reductions B and D pass a 3x3 stride-2 max pool of their input through as the
+    last channels. pool3 is the spatial mean of Mixed_7c's 8 x 8 output.
+    """
+    net = _random_inception(seed=2)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen[name] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    for name, module in net.named_modules():
+        if name and name.count(".") <= 1 and (name.count(".") == 0 or name.endswith("branch_pool")):
+            module.register_forward_hook(keep(name))
+    images = torch.randint(0, 256, (1, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = net(InceptionV3.preprocess(images))
+    out_sizes = {
+        "Conv2d_1a_3x3": (32, 149),
+        "Conv2d_2a_3x3": (32, 147),
+        "Conv2d_2b_3x3": (64, 147),
+        "Conv2d_3b_1x1": (80, 73),
+        "Conv2d_4a_3x3": (192, 71),
+        "Mixed_5b": (256, 35),
+        "Mixed_5c": (288, 35),
+        "Mixed_5d": (288, 35),
+        "Mixed_6a": (768, 17),
+        "Mixed_6e": (768, 17),
+        "Mixed_7a": (1280, 8),
+        "Mixed_7b": (2048, 8),
+        "Mixed_7c": (2048, 8),
+    }
+    for name, (channels, size) in out_sizes.items():
+        assert tuple(seen[name][1].shape) == (1, channels, size, size), name
+    assert tuple(seen["Mixed_5b"][0].shape) == (1, 192, 35, 35)
+    for block in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"):
+        block_in, pool_in = seen[block][0], seen[f"{block}.branch_pool"][0]
+        torch.testing.assert_close(pool_in, _window_mean_of_real_pixels(block_in), rtol=1e-5, atol=1e-5)
+    block_in = seen["Mixed_7c"][0]
+    window_max = F.pad(block_in, (1, 1, 1, 1), value=-torch.inf).unfold(2, 3, 1).unfold(3, 3, 1).amax(dim=(-1, -2))
+    torch.testing.assert_close(seen["Mixed_7c.branch_pool"][0], window_max, rtol=0, atol=0)
+    for block in ("Mixed_6a", "Mixed_7a"):
+        block_in, block_out = seen[block]
+        cin = block_in.shape[1]
+        stride_two_max = block_in.unfold(2, 3, 2).unfold(3, 3, 2).amax(dim=(-1, -2))
+        torch.testing.assert_close(block_out[:, -cin:], stride_two_max, rtol=0, atol=0)
+    torch.testing.assert_close(features, seen["Mixed_7c"][1].mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)

@@ -622,3 +622,36 @@ def test_conditional_pickle_without_network_arguments_takes_them_from_edmprecond
     x, sigma, labels, aug = _inputs(label_dim=10)
     with torch.no_grad():
         torch.testing.assert_close(back(x, sigma, labels, aug), denoiser(x, sigma, labels, aug), rtol=0, atol=0)
+
+
+def test_module_tensors_is_torchs_state_dict_without_non_persistent_buffers(tmp_path):
+    """``module_tensors`` of a pickled module tree equals ``nn.Module.state_dict()`` of the same module: parameters,
+    then the persistent buffers, then the children, recursively; a buffer registered with ``persistent=False`` (in
+    ``_non_persistent_buffers_set``) is not part of a state dict, so it must not appear either."""
+    from aotdiff.interop.edm_pickle import module_tensors
+
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.w = nn.Parameter(torch.randn(3))
+    net.register_buffer("kept", torch.randn(2))
+    net.register_buffer("scratch", torch.randn(4), persistent=False)
+    net.lin = nn.Linear(2, 3)
+    net.lin.register_buffer("cache", torch.randn(5), persistent=False)
+
+    def persistent(module: nn.Module, name: str) -> Persistent:
+        children = OrderedDict((k, persistent(v, k)) for k, v in module._modules.items())
+        state = _module_state(
+            _parameters=OrderedDict(module._parameters),
+            _buffers=OrderedDict(module._buffers),
+            _non_persistent_buffers_set=set(module._non_persistent_buffers_set),
+            _modules=children,
+        )
+        return Persistent(name, state)
+
+    path = tmp_path / "tree.pkl"
+    path.write_bytes(pickle.dumps(persistent(net, "Net")))
+    got = module_tensors(read_edm_pickle(path).data)
+    expected = net.state_dict()
+    assert list(got) == list(expected) == ["w", "kept", "lin.weight", "lin.bias"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

@@ -164,6 +164,12 @@ def test_tensorboard_hides_what_was_logged_after_the_checkpoint(tmp_path):
         events += [e.step for e in acc.Scalars("loss")]
     # Each run's file holds its own steps; steps logged after 192 images by the first run are purged on resume.
     assert sorted(set(events)) == [64, 128, 192, 256, 320, 384]
+    # TensorBoard's view of the folder: the resumed writer's purge marker (purge_step = nimg + 1 = 193) drops the
+    # first run's 256..384 (logged after the checkpoint) but keeps its 192 (logged at it, and never logged again), so
+    # every step shows exactly once.
+    folder = accumulator.EventAccumulator(str(run / "tb"))
+    folder.Reload()
+    assert [e.step for e in folder.Scalars("loss")] == [64, 128, 192, 256, 320, 384]
 
 
 # ------------------------------------------------------------------------------------------------ 4. no silent restart
