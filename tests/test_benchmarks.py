@@ -50,3 +50,17 @@ def test_gpu_script_runs_its_sampling_checks_and_frechet_items_on_a_cpu(tmp_path
     assert report["results"]["sample_heun35_fp32"]["img_per_s"] > 0
     train = report["results"]["train_ddpmpp_fp32_independent"]
     assert train["trainer_efficiency"] == pytest.approx(train["img_per_s"] / train["bare_img_per_s"])
+
+
+def test_every_mutant_of_the_catalogue_still_applies() -> None:
+    """tools/mutants.py lists wrong implementations the suite must catch; each entry's text must still occur exactly
+    once in its file, or the runner would silently test nothing (update the entry together with the code)."""
+    path = BENCH.parent / "tools" / "mutants.py"
+    spec = importlib.util.spec_from_file_location("_tools_mutants", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(module.MUTANTS) >= 40
+    for file, old, new, tests in module.MUTANTS:
+        assert (BENCH.parent / file).read_text().count(old) == 1, f"{file}: {old!r}"
+        assert old != new and tests.startswith("tests/")
