@@ -66,7 +66,7 @@ MUTANTS: list[tuple[str, str, str, str]] = [
     ('src/aotdiff/metrics/quality.py', 'generator = torch.Generator().manual_seed(seed)\n    return get_toy', 'generator = torch.Generator().manual_seed(0)\n    return get_toy', 'tests/test_eval_cli.py tests/test_sweep.py'),
     ('src/aotdiff/cpu.py', 'idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)', 'idle = fields[3]', 'tests/test_cpu.py'),
     ('src/aotdiff/cpu.py', 'return max(1, min(cores, math.ceil(cores - load - 0.25)))', 'return max(1, min(cores, math.ceil(cores - load)))', 'tests/test_cpu.py'),
-    ('src/aotdiff/report.py', 'groups.setdefault((r.run, r.metric, r.solver, r.rho, r.dg_weight), {})[r.nfe] = r', 'groups.setdefault((r.run, r.metric, r.solver, r.rho, 0.0), {})[r.nfe] = r', 'tests/test_sweep.py'),
+    ('src/aotdiff/report.py', 'groups.setdefault((r.run, r.metric, r.solver, r.rho, r.dg_weight), {})[r.nfe] = r', 'groups.setdefault((r.run, r.metric, r.solver, r.rho, 0.0), {})[r.nfe] = r', 'tests/test_sweep.py tests/test_eval_cli.py'),
     ('src/aotdiff/metrics/fid.py', 'values[s] = within - 2 * kxy.mean()', 'values[s] = within - kxy.mean()', 'tests/test_fid.py'),
     ('src/aotdiff/metrics/inception.py', 'x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)', 'x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=True)', 'tests/test_inception.py'),
     ('src/aotdiff/metrics/inception.py', 'self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)', 'self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3)', 'tests/test_inception.py'),
