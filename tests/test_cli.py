@@ -150,3 +150,17 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert main(["train", *TINY, "--precision", "bf16", "--duration-kimg", "0.128", "--out", str(tmp_path / "r")]) == 0
     line = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(line["loss"])
+
+
+def test_default_run_directories_are_named_after_the_preset_and_the_run(tmp_path, capsys, monkeypatch):
+    """Without --out, `train` uses runs/PRESET and `dg train RUN` uses RUN-dg next to RUN (what --dry-run prints is
+    where the run would be written)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "toy2d", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"run directory: {os.path.join('runs', 'toy2d')}\n")
+    run = tmp_path / "toy"
+    assert main(["train", *TINY, "--duration-kimg", "0.064", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["dg", "train", str(run), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"run directory: {tmp_path / 'toy-dg'}\n")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "toy-dg").exists()

@@ -847,3 +847,79 @@ def test_cuda_without_an_index_is_this_processs_local_rank(monkeypatch):
     assert pick_device("cpu", 2) == torch.device("cpu")
     with pytest.raises(ValueError, match="4 CUDA device"):
         pick_device("cuda", 4)
+
+
+# ------------------------------------------------------------------------------------------------ which weights
+def test_raw_reads_the_live_weights_in_sample_curvature_and_fid(toy_run, digits_run, cache, tmp_path, capsys):
+    """--raw means the live weights (model.safetensors), its absence the EMA, in `sample`, `curvature` and `fid calc`:
+    each records the weights file it read, and `sample`'s points are the library's samples of that network. Also:
+    `curvature` uses the --sigma-min/--sigma-max grid, and `fid calc --seeds A-B --num n` the first n seeds."""
+    base = ["sample", str(toy_run), "--steps", "3", "--seeds", "0-3", "--device", "cpu", "--no-progress"]
+    for ema in (True, False):
+        out = tmp_path / f"s-{ema}.npz"
+        assert main([*base, "--out", str(out), *([] if ema else ["--raw"])]) == 0
+        with np.load(out) as f:
+            meta, points = json.loads(str(f["meta"])), f["points"]
+        assert Path(meta["model"]).name == ("ema" if ema else "model") + ".safetensors"
+        model = load_model(toy_run, ema=ema)
+        want = next(generate(model.denoiser, range(4), model.shape, settings=SamplerSettings(steps=3))).raw.numpy()
+        np.testing.assert_allclose(points, want, atol=1e-6)
+    curv = tmp_path / "c.json"
+    assert main(["curvature", str(toy_run), "--num", "3", "--steps", "3", "--truncation-steps", "2", "--raw",
+                 "--sigma-min", "0.01", "--sigma-max", "20", "--out", str(curv), "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(curv.read_text())
+    assert report["model"]["ema"] is False and Path(report["model"]["weights"]).name == "model.safetensors"
+    assert (report["sigma_min"], report["sigma_max"]) == (0.01, 20.0)  # the grid the flags asked for
+    ref = tmp_path / "ref.npz"
+    assert main(["fid", "ref", "--data", "digits", "--out", str(ref), "--device", "cpu", "--no-progress"]) == 0
+    res = tmp_path / "fid.json"
+    assert main(["fid", "calc", str(digits_run), "--ref", str(ref), "--seeds", "10-19", "--num", "4", "--steps",
+                 "2", "--raw", "--out", str(res), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(res.read_text())
+    assert Path(result["source"]["weights"]).name == "model.safetensors"
+    assert result["seeds"] == "10-13" and result["num"] == 4  # --num takes the first seeds of --seeds
+
+
+def test_bench_train_measures_the_configuration_its_flags_ask_for(capsys):
+    """`bench train --batch --coupling --threads` are read into the measured configuration (the JSON says what was
+    timed), not left at the preset's values."""
+    args = ["bench", "train", "--preset", "toy2d", "--batch", "32", "--coupling", "aot", "--aot-pool", "64",
+            "--threads", "1", "--iters", "1", "--rounds", "1", "--device", "cpu", "--json"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["batch"], result["coupling"], result["threads"], result["steps"]) == (32, "aot", 1, 1)
+
+
+def test_default_output_names_say_the_settings(toy_run, capsys):
+    """Without --out, `sample` writes MODEL/samples-<solver><steps>-rho<rho>.npz and `curvature`
+    MODEL/curvature-rho<rho>-n<trajectories>.json (+ .png), so runs with other settings never overwrite each other."""
+    expected = [
+        toy_run / "samples-euler2-rho90.npz",
+        toy_run / "curvature-rho5-n3.json",
+        toy_run / "curvature-rho5-n3.png",
+    ]
+    try:
+        assert main(["sample", str(toy_run), "--solver", "euler", "--steps", "2", "--rho", "90", "--seeds", "0-1",
+                     "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+        assert main(["curvature", str(toy_run), "--seeds", "4-6", "--steps", "3", "--rho", "5", "--truncation-steps",
+                     "2", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+        assert all(p.is_file() for p in expected), sorted(p.name for p in toy_run.iterdir())
+    finally:
+        for p in expected:
+            p.unlink(missing_ok=True)
+
+
+def test_convert_which_picks_the_ema_or_the_live_weights(toy_run, tmp_path, capsys):
+    """`convert RUN --which ema|net` writes exactly the tensors of the run's ema.safetensors or model.safetensors
+    (the two differ), not the EMA for both."""
+    from safetensors.torch import load_file
+
+    files = {}
+    for which in ("ema", "net"):
+        out = tmp_path / f"{which}.safetensors"
+        assert main(["convert", str(toy_run), "--which", which, "--out", str(out), "--device", "cpu"]) == 0
+        got, want = load_file(out), load_file(ckpt_io.resolve_weights(toy_run, ema=which == "ema"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which
+        files[which] = got
+    assert any(not torch.equal(files["ema"][k], files["net"][k]) for k in files["ema"])

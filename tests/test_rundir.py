@@ -376,3 +376,45 @@ def test_a_weights_file_keeps_its_sigma_data(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, sigma), reference(x, sigma), rtol=0, atol=0)
         assert not torch.allclose(loaded(x, sigma), ckpt_io.load_model(run).denoiser(x, sigma))
+
+
+def test_resume_refuses_every_change_to_what_is_trained():
+    """Only settings that cannot change the trained model may differ on resume: the resumable set is exactly the
+    documented one, and a change to any other field (e.g. the AOT pool size or the seed) is reported by config_diff."""
+    import dataclasses
+
+    from aotdiff.train.config import RESUMABLE_CHANGES, TrainConfig, config_diff
+
+    assert {
+        "duration_kimg", "tick_kimg", "snapshot_kimg", "keep_checkpoints", "grid_seeds", "grid_steps", "device",
+        "aot_prefetch", "aot_backend", "compile", "threads", "init_from", "aot_recipe", "precision", "channels_last",
+    } == RESUMABLE_CHANGES  # fmt: skip
+    old = preset_config("toy2d", coupling="aot").to_dict()
+    trained = {f.name for f in dataclasses.fields(TrainConfig)} - RESUMABLE_CHANGES
+    assert {"aot_pool", "aot_pools", "seed", "batch", "lr", "data", "coupling", "cond"} <= trained
+    for name in sorted(trained):
+        value = old[name]
+        changed = (not value) if isinstance(value, bool) else [*value, 1] if isinstance(value, list) else (
+            value + 1 if isinstance(value, int | float) else f"{value}-other"
+        )  # fmt: skip
+        diff = config_diff(old, {**old, name: changed})
+        assert len(diff) == 1 and diff[0].startswith(f"{name}: "), (name, diff)
+    assert config_diff(old, {**old, "duration_kimg": 5.0, "aot_pool": old["aot_pool"]}) == []
+
+
+def test_validation_bounds_are_exact_at_the_edges():
+    """At the boundary of each range: exclusive bounds refuse the bound itself (lr 0, kimg 0, an EMA half-life of 0,
+    tick / snapshot 0, dropout 1), inclusive ones accept it (a warm-up of 0, batch-gpu 0 = auto, no grid, augment 1)."""
+    for name in ("lr", "duration_kimg", "ema_halflife_kimg", "tick_kimg", "snapshot_kimg"):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            validate(preset_config("toy2d", **{name: 0.0}))
+    for name, value in [("lr_rampup_kimg", 0.0), ("ema_rampup_ratio", 0.0), ("batch_gpu", 0), ("grid_seeds", 0),
+                        ("aot_pools", 0), ("seed", 0), ("threads", 0), ("augment", 1.0), ("dropout", 0.99)]:  # fmt: skip
+        validate(preset_config("toy2d", **{name: value}))
+    for name, value in [("batch", 0), ("keep_checkpoints", 0), ("grid_steps", 0), ("data_size", 0), ("aot_pool", 0)]:
+        with pytest.raises(ValueError, match=r"must be a finite number >= 1"):
+            validate(preset_config("toy2d", **{name: value}))
+    with pytest.raises(ValueError, match=r"--dropout in \[0, 1\)"):
+        validate(preset_config("toy2d", dropout=1.0))
+    with pytest.raises(ValueError, match=r"--augment must lie in \[0, 1\]"):
+        validate(preset_config("toy2d", augment=1.01))

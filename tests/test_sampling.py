@@ -322,3 +322,44 @@ def test_seeds_are_parsed_within_int64_and_a_sane_count():
     for bad in ("1,²", "-3", "1-", "a-b", ""):
         with pytest.raises(ValueError):
             parse_seeds(bad)
+
+
+def test_generate_draws_each_seeds_latent_then_its_label_from_that_seed_alone():
+    """EDM's order per seed: the latent is the first draw of torch.Generator().manual_seed(seed), the class label the
+    next (randint), whatever the batch; the network sees exactly these latents x sigma_max and labels."""
+    seen = []
+
+    def net(x, sigma, labels=None):
+        seen.append((x.clone(), labels.clone()))
+        return torch.zeros_like(x)
+
+    seeds = [5, 0, 9, 123]
+    batches = list(generate(net, seeds, (3,), settings=SamplerSettings(steps=1), num_classes=10, batch_size=3))
+    assert [b.seeds.tolist() for b in batches] == [[5, 0, 9], [123]]
+    want_z, want_c = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        want_z.append(torch.randn(3, generator=g))
+        want_c.append(int(torch.randint(10, (1,), generator=g)))
+    assert torch.cat([b.labels for b in batches]).tolist() == want_c
+    assert torch.cat([labels for _, labels in seen]).tolist() == want_c
+    x0 = torch.cat([x for x, _ in seen])
+    torch.testing.assert_close(x0, torch.stack(want_z).double() * 80.0, rtol=0, atol=1e-12)
+
+
+def test_class_label_range_is_exact_at_both_ends():
+    """--class C of a model with K classes: 0 and K - 1 are sampled with that label, K and -1 are refused before any
+    network call (K itself would index past the class embedding)."""
+    seen = []
+
+    def net(x, sigma, labels=None):
+        seen.append(labels.clone())
+        return torch.zeros_like(x)
+
+    for label in (0, 9):
+        (b,) = generate(net, [0, 1], (3,), settings=SamplerSettings(steps=1), num_classes=10, class_label=label)
+        assert b.labels.tolist() == [label, label] and seen.pop().tolist() == [label, label]
+    for label in (10, -1):
+        with pytest.raises(ValueError, match=rf"--class must lie in \[0, 9\], got {label}"):
+            next(generate(net, [0, 1], (3,), num_classes=10, class_label=label))
+    assert seen == []
