@@ -132,6 +132,7 @@ def test_conditional_aot_digits_with_augmentation_and_class_sampling(tmp_path):
     )
     with np.load(tmp_path / "c.npz") as f:
         assert f["labels"].tolist() == [3, 3, 3, 3]
+        assert json.loads(str(f["meta"]))["class"] == 3  # the file says which class it holds
     assert (
         main(["sample", str(run), "--steps", "2", "--seeds", "0-3", "--class", "10", "--out", str(tmp_path / "x.npz")])
         == 2

@@ -98,6 +98,26 @@ def test_fid_ref_and_calc_on_a_digits_run_use_the_proxy_and_the_right_images(dig
     )
 
 
+def test_fid_calc_of_stored_images_scores_the_first_num_across_partial_batches(cache, tmp_path):
+    """A samples file is scored on its first --num images, batch by batch: 5 of 7 in batches of 2 (2 + 2 + 1), the
+    two left out so unlike digits that including either would move the distance."""
+    ref = tmp_path / "digits-ref.npz"
+    assert main(["fid", "ref", "--data", "digits", "--out", str(ref), "--device", "cpu", "--no-progress"]) == 0
+    digits = load_digits().images  # N x C x H x W; a samples file holds N x H x W x C
+    images = np.concatenate([digits[:5], np.full((2, 1, 8, 8), 255, np.uint8)])
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=images.transpose(0, 2, 3, 1), labels=np.zeros(0, np.int64))
+    out = tmp_path / "fid.json"
+    assert main(["fid", "calc", str(samples), "--ref", str(ref), "--num", "5", "--max-batch", "2", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    proxy = load_proxy_detector("digits", 8)
+    real = proxy.features(torch.from_numpy(digits)).double().numpy()
+    fd = {n: fd_brute_force(proxy.features(torch.from_numpy(images[:n])).double().numpy(), real) for n in (5, 6)}
+    result = json.loads(out.read_text())
+    assert result["num"] == 5 and result["value"] == pytest.approx(fd[5], rel=1e-6)
+    assert abs(fd[6] - fd[5]) > 0.1 * fd[5]
+
+
 def test_fewer_than_50k_samples_are_refused_unless_num_is_given(digits_run, cache, tmp_path, capsys):
     ref = tmp_path / "ref.npz"
     save_reference(ref, _stats(np.zeros(128), np.eye(128)))

@@ -9,6 +9,7 @@ times a factor that depends on the solver, the number of steps and rho, computed
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,27 @@ def test_sweep_command_takes_the_sampling_flags_of_sample(toy_run, tmp_path, cap
     assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-12)
     plain = torch.cat([b.raw for b in generate(model.denoiser, seeds, model.shape, settings=SamplerSettings(steps=3))])
     assert not torch.allclose(plain, points)  # churn changed the samples
+
+
+def test_sweep_command_raw_scores_the_live_weights_and_records_which(toy_run, tmp_path):
+    """--raw sweeps the live weights (model.safetensors), its absence the EMA; each row names the file it scored."""
+    values = {}
+    for ema in (True, False):
+        out = tmp_path / f"sweep-{ema}"
+        args = ["sweep", str(toy_run), "--steps", "3", "--rho", "7", "--num", "30", "--no-curvature", "--no-progress",
+                "--out", str(out), "--device", "cpu", *([] if ema else ["--raw"])]  # fmt: skip
+        assert main(args) == 0
+        row = json.loads((out / "sweep.json").read_text())["rows"][0]
+        assert Path(row["info"]["weights"]).name == ("ema" if ema else "model") + ".safetensors"
+        with open(out / "table.csv") as f:
+            assert Path(next(csv.DictReader(f))["weights"]).name == Path(row["info"]["weights"]).name
+        model = load_model(toy_run, ema=ema)
+        points = torch.cat([b.raw for b in generate(model.denoiser, range(30), model.shape,
+                                                    settings=SamplerSettings(steps=3))])  # fmt: skip
+        reference = toy_reference("toy:8gaussians", 30, 1_000_003)
+        assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-12)
+        values[ema] = row["value"]
+    assert values[True] != values[False]  # the two weight sets differ, so the test can tell them apart
 
 
 @pytest.mark.parametrize(

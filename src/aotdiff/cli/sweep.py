@@ -197,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
             metric, model.shape, model.config, where=str(path), num=len(seeds[label]), ref=args.ref,
             detector=args.detector, device=device,
         )  # fmt: skip
+        # The weights file says which network made the numbers (EMA, or the live weights with --raw).
         info = {"coupling": model.config.get("coupling", ""), "data": model.config.get("data", ""),
-                "nimg": model.nimg}  # fmt: skip
+                "nimg": model.nimg, "weights": str(model.source)}  # fmt: skip
         guide = guidance_from_args(dg_args, model.num_classes, device)  # the same discriminator for every run
         runs.append(SweepRun(label, denoiser, tuple(model.shape), quality, model.num_classes, info, guide,
                              curvature_denoiser=curvature_net))  # fmt: skip
