@@ -77,6 +77,16 @@ def test_cli_exits_non_zero_when_the_checkpoint_cannot_be_written(tmp_path, monk
     assert code != 0 and "No space left on device" in err and "done:" not in err
 
 
+def test_log_lines_record_the_cpu_threads_in_use_not_the_flag(tmp_path, monkeypatch):
+    """--threads 0 (automatic) with OMP_NUM_THREADS=1: every log line says 1 thread, the number the step ran on."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert TINY_CLI[-2:] == ["--threads", "1"]
+    cli = [*TINY_CLI[:-2], "--threads", "0"]
+    assert main(["train", *cli, "--kimg", "0.128", "--out", str(tmp_path / "run")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(x["cpu_threads"] == 1 for x in lines)
+
+
 # ------------------------------------------------------------------------------------------------ 2. the lock
 def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
     cfg = tiny(duration_kimg=0.128)

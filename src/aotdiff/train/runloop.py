@@ -291,6 +291,8 @@ class RunLoop:
             "img_per_s": round(img_per_s, 2), "sec_per_kimg": round(1000 / max(img_per_s, 1e-9), 3),
             "time_s": round(self.elapsed, 2),
         }  # fmt: skip
+        if self.device.type == "cpu":  # img/s on a CPU depends on it, and --threads 0 chooses it from the load
+            line["cpu_threads"] = torch.get_num_threads()
         line.update(self.tick_fields())
         if self.info.is_main:
             self.log.append(line)
