@@ -718,7 +718,7 @@ def findings(runs: dict[str, dict[int, dict[str, Any]]], arms: list[str],
         + (f"(a 95 % Student-t interval is ±{t_critical(n_min):.1f} s.e. with {n_min} seeds, not ±2)" if n_min >= 2
            else "(one seed: sampling noise only, no training noise)")
         + ", and 8 settings × several arms are compared, so a single 2-s.e. difference can be chance: what holds "
-        "over neighbouring settings (and, once it is run, on the second dataset) is the finding."
+        "over neighbouring settings and on both datasets is the finding."
     )  # fmt: skip
     return out
 

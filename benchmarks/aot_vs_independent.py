@@ -258,7 +258,7 @@ def fine_slopes(
 def trajectory_geometry(
     denoiser: Any, shape: tuple[int, ...], num: int, fine_steps: int, rho: float, split: float = 0.1
 ) -> dict[str, float]:
-    """A per-step look at the fine Heun trajectories, to compare with the 2-D prototype of aot-method.md section 5.
+    """A per-step look at the fine Heun trajectories, to compare with the 2-D prototype of the project's method notes.
 
     * ``kappa_uniform``: pooled curvature with every step of the grid weighted equally instead of by its Delta sigma
       (sum_j sum_i |d_ij - v_j|^2 / sum_j sum_i |v_j|^2). On a rho = 7 grid most steps lie at small sigma, so this

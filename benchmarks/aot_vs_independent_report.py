@@ -364,7 +364,12 @@ def render_markdown(
         *[f"- digits, {ratio_line(di, da, s, n, r)}" for s, n, r in key_cells(cfg.digits)],
         "",
     ]
-    lines += ["## 4. Comparison with the 2-D prototype (aot-method.md section 5)", "", *comparison_table(results), ""]
+    lines += [
+        "## 4. Comparison with the 2-D prototype (the method notes this project started from, not in this repository)",
+        "",
+        *comparison_table(results),
+        "",
+    ]
     lines += discussion(results, cfg, kappa_ratio_toy, kappa_ratio_dig)
     lines += FOLLOW_UPS
     return "\n".join(lines) + "\n"
@@ -434,7 +439,7 @@ def z_score(value: float, floor: tuple[float, float] | list[float]) -> float:
 
 
 def comparison_table(results: dict[str, dict[str, Any]]) -> list[str]:
-    """This study next to the 2-D prototype numbers of aot-method.md section 5."""
+    """This study next to the 2-D prototype numbers of the project's method notes (section 5; kept outside the repo)."""
     ti, ta, di, da = (results[k] for k in ("toy/independent", "toy/aot", "digits/independent", "digits/aot"))
 
     def both(fn: Callable[[dict, dict], float]) -> str:
@@ -444,7 +449,7 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> list[str]:
         return lambda i, a: truncation(a, n) / truncation(i, n)
 
     return [
-        "| quantity | 2-D prototype (reference doc) | this study: toy2d | this study: digits |",
+        "| quantity | 2-D prototype (method notes) | this study: toy2d | this study: digits |",
         "|---|---|---|---|",
         f"| pooled κ, independent / AOT | 0.23–0.25 / 0.012–0.019 | {fmt(ti['curvature']['curvature'])} / "
         f"{fmt(ta['curvature']['curvature'])} | {fmt(di['curvature']['curvature'])} / "
@@ -570,7 +575,7 @@ def finding_prototype(ti: dict, ta: dict) -> str:
         f"models: metrics.md weights each step by Δσ over [{c['sigma_min']:g}, {c['sigma_max']:g}], so "
         f"{weight_above_1:.1%} of the weight lies above σ = 1, where every model is nearly straight (κ per band at "
         f"most {fmt(above)} there, {fmt(below, 2)} on average below σ = 0.1 for the independent model). The "
-        "reference doc writes the prototype's κ as a plain sum over steps (Δσ weights only suggested for non-uniform "
+        "method notes write the prototype's κ as a plain sum over steps (Δσ weights only suggested for non-uniform "
         "grids), which counts the many small-σ steps of a ρ = 7 grid fully. Weighting the steps equally gives "
         f"{fmt(gi['kappa_uniform'])} (independent) and {fmt(ga['kappa_uniform'])} (AOT) on toy2d"
         + (", the prototype's order of magnitude" if 0.05 <= gi["kappa_uniform"] <= 1.0 else "")

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     from aotdiff.train.checkpoint import CheckpointError
+    from aotdiff.train.runloop import CheckpointWriteError
 
     if args.command not in ("train", "dg", "bench"):  # those take --threads and choose in their own setup
         from aotdiff.cpu import configure_threads
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(0)
     try:
         return int(args.run(args) or 0)
+    except CheckpointWriteError as e:
+        # The machine refused a checkpoint (full disk, permissions): the input was fine, so 1, like any OSError.
+        print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (UserError, ValueError, FileNotFoundError, CheckpointError) as e:
         # Bad input: the message names the input and the fix; a traceback would only hide it.
         print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)

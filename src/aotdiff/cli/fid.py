@@ -1,9 +1,9 @@
-"""`aotdiff fid ref | calc`: reference statistics of a dataset, and FID (or FD-digits) of a run or a set of samples.
+"""`aotdiff fid ref | calc`: reference statistics of a dataset, and FID (or a proxy FD) of a run or a set of samples.
 
 Protocol (docs/metrics.md): 50,000 samples, seeds 0-49999, statistics streamed batch by batch (nothing is written
 to disk per image), Fréchet distance against EDM-format reference statistics. The detector is named with its SHA-256
 next to every number, because two Inception files give different FIDs. For the built-in digits, where Inception
-features are meaningless, the proxy CNN is used and the number is called FD-digits.
+features are meaningless, a proxy CNN is used and the number is called FD-digits (FD-mnist5k for mnist5k).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
     r = fsub.add_parser("ref", help="reference statistics of a dataset", description="Detector statistics (mean, "
                         "covariance) of every image of a dataset, written in EDM's .npz layout with a 'meta' record "
                         "of the detector (name, SHA-256) and image count.")  # fmt: skip
-    r.add_argument("--data", required=True, help="dataset: 'digits', 'digits16', an image folder / .zip, "
+    r.add_argument("--data", required=True, help="dataset: 'digits', 'digits16', 'mnist5k', an image folder / .zip, "
                    "cifar-10-python.tar.gz or a .npz (images N x H x W x C uint8)")  # fmt: skip
     r.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, meta), written exactly as named")
     _add_detector_flags(r)
@@ -108,8 +108,8 @@ def _add_detector_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--detector", type=Path, default=None, help="Inception-v3 file (pytorch-fid .pth or EDM's .pkl); "
                    "default: $AOTDIFF_DETECTOR or the cache folder (see docs/metrics.md)")  # fmt: skip
-    g.add_argument("--proxy", action="store_true", help="use the digits proxy CNN (FD-digits); the default for the "
-                   "built-in digits")  # fmt: skip
+    g.add_argument("--proxy", action="store_true", help="use the proxy CNN of the built-in digit datasets (FD-digits; "
+                   "FD-mnist5k for 28x28 images); the default for digits, digits16 and mnist5k")  # fmt: skip
 
 
 def _warn(text: str) -> None:

@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
         "row records the precision. Tables and plots go to --out.",
         epilog="Example: aotdiff sweep runs/aot runs/independent --steps 3,5,8,14,18 --rho 7,72,90 --out sweep/",
     )
-    p.add_argument("models", type=Path, nargs="+", help="run directories, checkpoint folders or .safetensors files")
+    p.add_argument("models", type=Path, nargs="+", help="run directories, checkpoint folders, .safetensors files "
+                   "or EDM .pkl networks (read without running code)")  # fmt: skip
     # --steps / --rho / --solver take lists here (one cell per value); the other sampler flags are the shared ones.
     p.add_argument("--steps", default="3,5,8,14,18", metavar="N,N,...", help="sampler step counts N, comma-separated: "
                    "Heun makes 2N-1 network evaluations per image, Euler N (default: 3,5,8,14,18)")  # fmt: skip
@@ -84,10 +85,11 @@ def register(sub: Any) -> None:
     p.add_argument("--num", type=int, default=None, help="samples per cell, seeds 0..num-1, instead of --seeds "
                    "(default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_NUM.items()) + ")")  # fmt: skip
     add_class_flag(p)
-    p.add_argument("--metric", default="auto", help="'fd' (FD-digits), 'fid' or 'w2' (2-D toys); default 'auto' "
-                   "picks per run: w2 for toys, fd for the built-in digits, fid otherwise")  # fmt: skip
+    p.add_argument("--metric", default="auto", help="'fd' (the proxy FD of the built-in digit datasets: FD-digits, "
+                   "FD-mnist5k), 'fid' or 'w2' (2-D toys); default 'auto' picks per run: w2 for toys, fd for the "
+                   "built-in digit datasets, fid otherwise")  # fmt: skip
     p.add_argument("--ref", type=Path, default=None, help="reference statistics .npz (needed for fid; for fd the "
-                   "default is the whole digits dataset)")  # fmt: skip
+                   "default is the whole built-in dataset)")  # fmt: skip
     p.add_argument("--detector", type=Path, default=None, help="Inception-v3 file for fid (default: "
                    "$AOTDIFF_DETECTOR or the cache folder)")  # fmt: skip
     p.add_argument("--curvature-num", type=int, default=256, help="curvature trajectories per run, seeds from the "
@@ -176,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(out, "--out")  # before hours of sampling, not after
     for path in args.models:
         if not path.exists():
-            raise UserError(f"{path} does not exist; give a run directory, a checkpoint folder or a .safetensors file")
+            raise UserError(
+                f"{path} does not exist; give a run directory, a checkpoint folder, a .safetensors file or an EDM .pkl"
+            )
 
     runs, seeds, guidance = [], {}, {}
     max_batch = args.max_batch

