@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from aotdiff.cli import main
 from aotdiff.train import checkpoint as ckpt_io
@@ -52,6 +53,46 @@ def test_image_samples_npz_layout(tmp_path):
     with np.load(tmp_path / "d.npz") as f:
         assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
         assert f["labels"].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coupling", "aot", "--batch", "100"], "--aot-pool 512 is not a multiple of --batch-gpu 100"),
+        (["--coupling", "aot", "--aot-pool", "1797"], "Use --aot-pool 1792 or 1920."),
+        (["--coupling", "aot", "--aot-pools", "3"], "Use --aot-pools 1, 2 or 4"),
+        (["--batch-gpu", "48"], "--batch-gpu 48 must divide the per-device batch 128"),
+        (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "--device cuda"),
+    ],
+)
+def test_layouts_that_cannot_train_are_refused_by_dry_run_and_before_the_run_directory(
+    flags, message, tmp_path, capsys
+):
+    """What needs no data (batch / pool divisibility, the device) is checked up front: --dry-run refuses what the run
+    would refuse, and a refused run leaves no empty run directory behind."""
+    for dry in (["--dry-run"], []):
+        assert main(["train", *flags, *dry, "--threads", "1", "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_a_sampling_command_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `sample` (here: while it picks its device): no traceback, exit 130 = 128 + SIGINT like `train`,
+    and an open progress bar does not swallow the message's line."""
+    from tqdm import tqdm
+
+    import aotdiff.train.distributed as distributed
+
+    def interrupted(*args, **kwargs):
+        tqdm(total=4, desc="sampling").update(1)  # a bar left open, as a real interrupt leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "pick_device", interrupted)
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(tmp_path), "--seeds", "0-3", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "aotdiff sample: interrupted (Ctrl-C)" in err.splitlines() and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_dry_run_prints_config_and_parameter_count(capsys, tmp_path):

@@ -288,6 +288,55 @@ def test_pool_size_errors_are_exact():
         PairedBatchStream(source, IndependentCoupling(), batch=64, pool_size=512, worker=False)
 
 
+def _advice(message: str) -> tuple[list[int], list[int], list[int]]:
+    """The --batch-gpu, --aot-pool and --aot-pools values an error message proposes."""
+    use = message.split(" Use ", 1)[1] if " Use " in message else ""
+    numbers = lambda text: [int(x) for x in re.findall(r"\d+", text)]  # noqa: E731
+    example = re.search(r"\(e\.g\. ([^)]*)\)", use)  # "a --batch-gpu that divides P (e.g. A or B)"
+    direct = re.match(r"--batch-gpu (\d+( or \d+)?)", use)  # "Use --batch-gpu A or B."
+    batch_gpu = numbers(example.group(1)) if example else numbers(direct.group(1)) if direct else []
+    pool = numbers(re.search(r"--aot-pool \d+( or \d+)?", use).group(0)) if "--aot-pool " in use else []
+    pools = numbers(re.search(r"--aot-pools [\d, ]+( or \d+)?", use).group(0)) if "--aot-pools " in use else []
+    return batch_gpu, pool, pools
+
+
+def test_pool_layout_advice_is_always_followable_when_the_per_device_batch_is_known():
+    """Every fix an error proposes passes the same check (and --batch-gpu divides the per-device batch): a user
+    following the message never meets the next error. Brute force over small layouts."""
+    refused = 0
+    for per_device in (48, 64, 100, 128, 129):
+        for batch_gpu in [b for b in range(1, per_device + 1) if per_device % b == 0]:
+            for pools in (1, 2, 3, 4):
+                for pool_size in (96, 256, 500, 512, 1797):
+                    try:
+                        validate_pool_size(pool_size, batch_gpu, pools, per_device=per_device)
+                        continue
+                    except ValueError as e:
+                        message = str(e)
+                    refused += 1
+                    new_batch_gpu, new_pool, new_pools = _advice(message)
+                    assert new_batch_gpu or new_pool or new_pools, message
+                    for b in new_batch_gpu:
+                        assert per_device % b == 0 and b % pools == 0, message
+                        if pool_size % (b // pools) == 0:
+                            assert validate_pool_size(pool_size, b, pools, per_device=per_device) >= 1
+                    for p in new_pool:
+                        assert validate_pool_size(p, batch_gpu, pools, per_device=per_device) >= 1, message
+                    for k in new_pools:
+                        assert per_device % k == 0, message
+    assert refused > 100
+
+
+def test_pool_layout_advice_for_the_cases_users_met():
+    with pytest.raises(ValueError, match=re.escape("No --batch-gpu can be: the per-device batch 128 is not a "
+                                                   "multiple of 3. Use --aot-pools 1, 2 or 4, or a --batch")):  # fmt: skip
+        validate_pool_size(512, 128, 3, per_device=128)
+    with pytest.raises(ValueError, match=re.escape("Use --batch-gpu 6 or 12.")):  # 126 and 129 do not divide 12
+        validate_pool_size(512, 8, 3, per_device=12)
+    with pytest.raises(ValueError, match=re.escape("would never be trained on. Use --aot-pool 387 or 516.")):
+        validate_pool_size(512, 129, per_device=129)  # 129 = 3 x 43: no useful --batch-gpu divides 512
+
+
 # ------------------------------------------------------------------------------------------- streams
 class RecordingSource(TensorSource):
     """TensorSource that remembers every draw (to recompute the expected pairing independently)."""

@@ -212,6 +212,55 @@ def test_unusable_checkpoints_are_refused_not_silently_replaced(tmp_path):
     assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir() and (aside[0] / "log.jsonl").is_file()
 
 
+def test_the_progress_bar_total_is_where_the_run_ends(tmp_path, capsys):
+    """A duration that is not a whole number of steps ends at the next whole step (0.1 kimg at batch 64: 128 images),
+    and the progress bar's total says so, not 0.1 (which read "0.1/0 kimg", 128 %)."""
+    with Trainer(tiny(duration_kimg=0.1, tick_kimg=0.064), tmp_path / "run") as t:
+        assert t.planned_nimg() == 128
+        result = t.run()
+    assert result.nimg == 128
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any("100%" in line and "0.128/0.128 kimg" in line for line in bar), bar
+
+
+def _error_line(err: str) -> str:
+    """The one error line of a refused command (the lines before it are the run's usual notes), checked short."""
+    errors = [line for line in err.splitlines() if line.startswith("aotdiff train: error: ")]
+    assert len(errors) == 1 and len(errors[0]) < 600 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_force_or_init_from_with_another_network_is_one_short_line_not_a_traceback(tmp_path, capsys):
+    """--force may change settings, not the network: a wider U-Net against the saved weights is refused in one line
+    that says how they differ (torch's own error lists every key: tens of kB), and so is --init-from."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--kimg", "0.064", "--snapshot-kimg", "0.064", "--out", str(run)]) == 0
+    capsys.readouterr()
+    wide = [*TINY_CLI, "--model-channels", "48", "--kimg", "0.128"]
+    assert main(["train", *wide, "--force", "--out", str(run)]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert "of another shape (e.g. '" in err and "[32, " in err and "[48, " in err  # an example with both shapes
+    assert "--force resumes a run with changed settings, but not with another network" in err
+    newest = ckpt_io.list_checkpoints(run)[-1]
+    assert main(["train", *wide, "--init-from", str(newest), "--out", str(tmp_path / "init")]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert f"--init-from {newest}: " in err and "of another shape" in err and "use weights of the same preset" in err
+
+
+def test_weights_mismatch_names_each_kind_of_difference():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 4))
+    other = torch.nn.Sequential(torch.nn.Linear(2, 3)).state_dict()
+    other["2.weight"] = torch.zeros(1)
+    problem = ckpt_io.weights_mismatch(net, other)
+    assert problem == (
+        "2 tensor(s) of the network missing from the file (e.g. '1.weight'); 1 tensor(s) the network does not have "
+        "(e.g. '2.weight'); 2 of another shape (e.g. '0.weight': [3, 2] in the file, [4, 2] in the network)"
+    )
+    assert ckpt_io.weights_mismatch(net, net.state_dict()) == ""
+    with pytest.raises(ckpt_io.WeightsMismatchError, match="^the file do not fit this network: 2 tensor"):
+        ckpt_io.load_matching(net, other, "the file")
+
+
 # ------------------------------------------------------------------------------------------------ 5. leftovers, signals
 def test_leftover_temporary_folders_are_removed_at_start(tmp_path):
     run = tmp_path / "run"

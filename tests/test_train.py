@@ -170,8 +170,10 @@ def test_data_that_does_not_fit_the_preset(tmp_path):
         train(preset_config("cifar10-uncond", data=str(tmp_path / "small.npz")), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         train(tiny(data=str(tmp_path / "missing.zip"), arch="small"), tmp_path / "run2", progress=False)
-    with pytest.raises(ValueError, match="--cond needs class labels"):
+    with pytest.raises(ValueError, match="--cond needs class labels.*an .npz with a 'labels' array"):
         train(preset_config("small", data=str(tmp_path / "small.npz"), cond=True), tmp_path / "r3", progress=False)
+    with pytest.raises(ValueError, match="has none; the toy distributions are unlabelled: drop --cond"):
+        train(tiny(cond=True), tmp_path / "r4", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(0)
     try:
         return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C in sample / fid / sweep / curvature: their outputs are written (atomically) when the work is done,
+        # so a traceback would say nothing useful. 130 = 128 + SIGINT, as the shell and `aotdiff train` report it.
+        # Open progress bars are closed first, so the message starts on a line of its own.
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        print(f"aotdiff {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except CheckpointWriteError as e:
         # The machine refused a checkpoint (full disk, permissions): the input was fine, so 1, like any OSError.
         print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)

@@ -137,12 +137,16 @@ def keep_recorded_aot_knobs(args: argparse.Namespace, cfg: TrainConfig) -> Train
 
 def run(args: argparse.Namespace) -> int:
     from aotdiff.train.config import validate
-    from aotdiff.train.loop import describe, train
+    from aotdiff.train.distributed import pick_device
+    from aotdiff.train.loop import check_layout, describe, train
 
     if args.out is None:
         args.out = Path("runs") / args.preset
     cfg = keep_recorded_aot_knobs(args, config_from_args(args))
     validate(cfg, need_data=not args.dry_run)
+    # What can be refused without data is refused before the run directory exists (and by --dry-run alike).
+    pick_device(cfg.device)
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if args.dry_run:
         text, _ = describe(cfg)
         print(f"run directory: {args.out}\n{text}")

@@ -82,12 +82,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_pool_size(pool_size: int, batch: int, pools: int = 1) -> int:
+def validate_pool_size(pool_size: int, batch: int, pools: int = 1, *, per_device: int | None = None) -> int:
     """Check that pools of ``pool_size`` rows split into whole slices; return the steps each pool lasts.
 
     Every step takes ``batch / pools`` consecutive rows from each pool, so ``pools`` must divide ``batch`` and
-    the slice must divide ``pool_size``. (The authors' code silently trains on empty slices otherwise.)
+    the slice must divide ``pool_size``. (The authors' code silently trains on empty slices otherwise.) With
+    ``per_device`` (the per-device batch, which ``batch`` = --batch-gpu must divide), every --batch-gpu the message
+    proposes divides it too, so following the advice cannot lead to the next error.
     """
+
+    def fits(b: int) -> bool:
+        return per_device is None or per_device % b == 0
+
     if batch < 1:
         raise ValueError(f"--batch-gpu {batch}: the per-device batch must be at least 1")
     if pools < 1:
@@ -95,30 +101,41 @@ def validate_pool_size(pool_size: int, batch: int, pools: int = 1) -> int:
     if pool_size < 1:
         raise ValueError(f"--aot-pool {pool_size}: the pool size must be at least 1")
     if batch % pools:
-        lo, hi = (batch // pools) * pools, (batch // pools + 1) * pools
-        options = f"{lo} or {hi}" if lo else f"{hi}"
+        why = f"--batch-gpu {batch} is not divisible by --aot-pools {pools}: every step takes the same number of rows "
+        why += "from each pool."
+        limit = per_device if per_device is not None else batch + pools
+        multiples = [b for b in range(pools, limit + 1, pools) if fits(b)]
+        below, above = [b for b in multiples if b < batch], [b for b in multiples if b > batch]
+        options = " or ".join(str(b) for b in [*below[-1:], *above[:1]])
+        if options:
+            raise ValueError(f"{why} Use --batch-gpu {options}.")
+        counts = [k for k in _divisors(per_device or batch) if k <= 2 * pools and k != pools][-3:]
         raise ValueError(
-            f"--batch-gpu {batch} is not divisible by --aot-pools {pools}: every step takes the same number of "
-            f"rows from each pool. Use --batch-gpu {options}."
+            f"{why} No --batch-gpu can be: the per-device batch {per_device} is not a multiple of {pools}. Use "
+            f"--aot-pools {', '.join(map(str, counts[:-1]))} or {counts[-1]}, or a --batch with a multiple of {pools} per "
+            "device."
         )
     part = batch // pools
     if pool_size % part == 0:
         return pool_size // part
     lo, hi = (pool_size // part) * part, (pool_size // part + 1) * part
     pool_options = f"{lo} or {hi}" if lo else f"{hi}"
-    below = max(d for d in _divisors(pool_size) if d <= part)
-    above = [d for d in _divisors(pool_size) if d >= part]
-    part_options = f"{below * pools}" + (f" or {above[0] * pools}" if above else "")
+    # A slice under a quarter of today's would mean many more, smaller steps: not advice worth giving.
+    slices = [d for d in _divisors(pool_size) if fits(d * pools) and 4 * d >= part]
+    near = [*[d for d in slices if d <= part][-1:], *[d for d in slices if d >= part][:1]]
+    part_options = " or ".join(str(d * pools) for d in near)
     if pools == 1:
         what = f"--batch-gpu {batch}"
-        fix = f"or a --batch-gpu that divides {pool_size} (e.g. {part_options})"
+        fix = f", or a --batch-gpu that divides {pool_size} (e.g. {part_options})"
     else:
         what = f"the per-pool slice {part} (--batch-gpu {batch} / --aot-pools {pools})"
-        fix = f"or a --batch-gpu whose slice divides {pool_size} (e.g. --batch-gpu {part_options})"
+        fix = f", or a --batch-gpu whose slice divides {pool_size} (e.g. --batch-gpu {part_options})"
+    if not near:
+        fix = ""
     unused = pool_size % part if pool_size > part else pool_size
     raise ValueError(
         f"--aot-pool {pool_size} is not a multiple of {what}: each pool is consumed in slices of {part} rows, "
-        f"so {unused} rows of every pool would never be trained on. Use --aot-pool {pool_options}, {fix}."
+        f"so {unused} rows of every pool would never be trained on. Use --aot-pool {pool_options}{fix}."
     )
 
 

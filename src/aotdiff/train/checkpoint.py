@@ -42,6 +42,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read or written; the message names the path and the fix."""
 
 
+class WeightsMismatchError(ValueError):
+    """Saved weights do not fit a network (other architecture or size); the message summarises how."""
+
+
+def weights_mismatch(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str:
+    """How ``tensors`` fail to fit ``module.load_state_dict`` ('' when they fit), in one short line.
+
+    torch's own error lists every key (thousands of characters for a U-Net); a user needs the kind of mismatch and
+    an example of each."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    reshaped = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the network missing from the file (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) the network does not have (e.g. '{unexpected[0]}')")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. '{k}': {list(tensors[k].shape)} in the file, "
+                     f"{list(expected[k].shape)} in the network)")  # fmt: skip
+    return "; ".join(parts)
+
+
+def load_matching(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(tensors)``, or a :class:`WeightsMismatchError` naming ``what`` and the mismatch."""
+    problem = weights_mismatch(module, tensors)
+    if problem:
+        raise WeightsMismatchError(f"{what} do not fit this network: {problem}")
+    module.load_state_dict(tensors)
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aotdiff.coupling import GATE_PURPOSE, PairedBatchStream, PoolDraw, SigmaGate, make_coupler
+from aotdiff.coupling import (
+    GATE_PURPOSE,
+    PairedBatchStream,
+    PoolDraw,
+    SigmaGate,
+    make_coupler,
+    validate_pool_size,
+)
 from aotdiff.data import AugmentPipe, ImageDataset, ToyDataset, load_dataset
 from aotdiff.diffusion import Precond, edm_loss, sample_sigma
 from aotdiff.generate import SamplerSettings, generate, resolve_precision
@@ -73,7 +80,12 @@ def check_training_data(cfg: TrainConfig, data: ImageDataset | ToyDataset) -> Im
     if isinstance(data, ImageDataset) and cfg.arch == "small" and not 8 <= data.resolution <= 64:
         raise ValueError(f"--data {cfg.data}: the 'small' network handles 8 to 64 pixels, got {data.resolution}")
     if cfg.cond and data.num_classes == 0:
-        raise ValueError(f"--cond needs class labels, but --data {cfg.data} has none (add dataset.json labels)")
+        how = (
+            "the toy distributions are unlabelled: drop --cond"
+            if is_toy
+            else "give an image folder / .zip with dataset.json labels, or an .npz with a 'labels' array"
+        )
+        raise ValueError(f"--cond needs class labels, but --data {cfg.data} has none; {how}")
     if cfg.cond and data.num_classes > MAX_CLASSES:
         raise ValueError(
             f"--cond: --data {cfg.data} has labels up to {data.num_classes - 1:,}, i.e. {data.num_classes:,} classes "
@@ -189,6 +201,17 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return batch_gpu, per_device // batch_gpu
 
 
+def check_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int, int, str]:
+    """(batch per device per pass, accumulation rounds, AOT pools per device, a note on the pools), with every rule
+    on how batches and pools divide checked at once. Needs no data, no network and no run directory: the command
+    line calls it before creating anything (and for --dry-run), so a layout that cannot train is refused up front."""
+    batch_gpu, accum = resolve_batch(cfg, world_size)
+    pools, note = resolve_pools(cfg, world_size)
+    if cfg.coupling == "aot":
+        validate_pool_size(cfg.aot_pool, batch_gpu, pools, per_device=cfg.batch // world_size)
+    return batch_gpu, accum, pools, note
+
+
 def sanitize_gradients(module: nn.Module) -> torch.Tensor:
     """EDM's guard: NaN -> 0, +-inf -> +-1e5 in every gradient, applied unconditionally as EDM does (it is the
     identity on finite values), so the step never asks the device whether it was needed.
@@ -268,7 +291,7 @@ def describe(cfg: TrainConfig) -> tuple[str, int]:
     text = cfg.to_json() + f"\n\nnetwork: {type(net).__name__} {json.dumps(getattr(net, 'config', {}))}"
     text += f"\nparameters: {n_params:,}\ndataset: {data_text}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _, note = resolve_pools(cfg, world)
+    *_, note = check_layout(cfg, world)
     if note:
         text += f"\n{note}"
     return text, n_params
@@ -301,8 +324,7 @@ class Trainer(RunLoop):
     # ------------------------------------------------------------------------------------------------ setup
     def build(self) -> None:
         cfg, info, device = self.cfg, self.info, self.device
-        self.batch_gpu, self.accum = resolve_batch(cfg, info.world_size)
-        pools, pools_note = resolve_pools(cfg, info.world_size)
+        self.batch_gpu, self.accum, pools, pools_note = check_layout(cfg, info.world_size)
         data = load_training_data(cfg) if self._dataset is None else check_training_data(cfg, self._dataset)
         self.shape = tuple(data.shape)
         torch.manual_seed(cfg.seed + info.rank)  # weights are broadcast from rank 0 by DDP; this seeds dropout
@@ -382,8 +404,8 @@ class Trainer(RunLoop):
         return self.net.state_dict(), self.ema.module.state_dict()
 
     def load_weights(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
-        self.net.load_state_dict(model)
-        self.ema.module.load_state_dict(ema)
+        ckpt_io.load_matching(self.net, model, "the checkpoint's model weights")
+        ckpt_io.load_matching(self.ema.module, ema, "the checkpoint's EMA weights")
 
     def extra_state(self) -> dict[str, Any]:
         info, device = self.info, self.device
@@ -417,14 +439,13 @@ class Trainer(RunLoop):
         ema_file = ckpt_io.resolve_weights(source, ema=True)
         for module, file in ((self.net, model_file), (self.ema.module, ema_file)):
             tensors, _ = ckpt_io.read_weights(file)
-            try:
-                module.load_state_dict(tensors)
-            except RuntimeError as e:
-                first = str(e).splitlines()[1:2] or [str(e)]
-                raise ValueError(
-                    f"--init-from {path}: {file} does not fit this run's network ({first[0].strip()}); "
-                    "use weights of the same preset and network flags"
-                ) from None
+            problem = ckpt_io.weights_mismatch(module, tensors)
+            if problem:
+                raise ckpt_io.WeightsMismatchError(
+                    f"--init-from {path}: {file} does not fit this run's network ({problem}); use weights of the "
+                    "same preset and network flags"
+                )
+            module.load_state_dict(tensors)
         self.say(f"initialised the weights from {model_file} and {ema_file} (optimizer and counters fresh)")
 
     # ------------------------------------------------------------------------------------------------ steps

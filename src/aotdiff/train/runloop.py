@@ -188,6 +188,12 @@ class RunLoop:
         """Images to train on in total (called after :meth:`build`): ``cfg.duration_kimg`` unless overridden."""
         return int(round(self.cfg.duration_kimg * 1000))
 
+    def planned_nimg(self) -> int:
+        """The images seen when the run ends: whole steps of ``cfg.batch`` images, so the duration rounded up to
+        a multiple of the batch (0.3 kimg at batch 128 ends at 384 images)."""
+        batch = int(self.cfg.batch)
+        return -(-self.total_nimg // batch) * batch if self.total_nimg > self.nimg else self.nimg
+
     def tick_fields(self) -> dict[str, Any]:
         """Extra fields of this tick's log line (e.g. coupling statistics); called once per tick."""
         return {}
@@ -271,7 +277,15 @@ class RunLoop:
 
     def _load(self, ckpt: ckpt_io.Checkpoint) -> None:
         st = ckpt.state
-        self.load_weights(ckpt.model, ckpt.ema)
+        try:
+            self.load_weights(ckpt.model, ckpt.ema)
+        except (ckpt_io.WeightsMismatchError, RuntimeError) as e:
+            # Reached with --force (otherwise the config check refuses first): new settings that change the network.
+            detail = str(e) if isinstance(e, ckpt_io.WeightsMismatchError) else str(e).splitlines()[0]
+            raise ConfigMismatchError(
+                f"{ckpt.path}: {detail}. --force resumes a run with changed settings, but not with another network "
+                "(architecture, width, depth, classes or data shape): use another --out for a new run"
+            ) from None
         self.nimg, self.steps, self.elapsed = int(st["nimg"]), int(st["step"]), float(st["elapsed_s"])
         self.load_extra_state(st)
 
@@ -380,10 +394,12 @@ class RunLoop:
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train until the duration is reached (or a stop is requested, or ``max_steps`` steps of this call)."""
         result = TrainResult(self.run_dir, self.nimg, self.steps)
+        kimg = self.planned_nimg() / 1000
+        spec = ".0f" if kimg >= 100 else ".1f" if kimg >= 1 else ".3f"  # 0.384 kimg must not read "0.4/0 kimg"
         bar = tqdm(
-            total=round(self.total_nimg / 1000, 3), initial=round(self.nimg / 1000, 3), unit="kimg",
-            disable=not self.progress, dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}{postfix}]",
+            total=round(kimg, 3), initial=round(self.nimg / 1000, 3), unit="kimg", disable=not self.progress,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:SPEC}/{total:SPEC} kimg [{elapsed}<{remaining}{postfix}]".replace("SPEC", spec),
         )  # fmt: skip
         steps_this_run = 0
         stopper = StopRequest()
