@@ -229,3 +229,25 @@ def test_curvature_command_with_dg(toy_dg, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dg-boost is not available in `aotdiff curvature`" in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_discriminator_run_given_as_the_base_model_is_named_as_such(toy_dg, tmp_path, capsys):
+    run, disc = toy_dg
+    for flags in ([], ["--dry-run"]):
+        assert main(["dg", "train", str(disc), "--out", str(tmp_path / "d2"), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{disc} is a discriminator run (`aotdiff dg train`), not a diffusion model" in err
+        assert f"pass the diffusion run to train a discriminator for (this one was trained for {run})" in err
+        assert "no network description" not in err
+    assert not (tmp_path / "d2" / "fakes.npz").exists()
+
+
+def test_guidance_with_a_discriminator_for_other_data_names_both_shapes(toy_dg):
+    """A discriminator trained on 2-D points cannot guide an image model: said in those words at the first step."""
+    _, disc = toy_dg
+    guide = DiscriminatorGuidance(load_discriminator(disc), weight=1.0)
+    x = torch.zeros(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"trained for data of shape \(2,\), but the model makes shape \(1, 8, 8\)"):
+        guide(x, torch.full((4,), 80.0), x, None, "euler")  # sigma 80 lies outside its window: still refused
+    (batch,) = generate(model, range(4), (2,), settings=SamplerSettings(steps=3), guidance=guide)  # its own shape
+    assert batch.raw.shape == (4, 2)

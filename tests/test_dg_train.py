@@ -320,3 +320,129 @@ def test_conditional_discriminator_is_given_each_items_own_class(tmp_path, monke
         for row, cls in zip(batch.images.flatten(1), seen[0]):
             match = (items == row).all(dim=1)
             assert match.any() and int(cls) in set(labels[match].tolist())
+
+
+# ------------------------------------------------------------------------------------- what a new user runs into
+def _dg_cli(run, out, *extra):
+    """`aotdiff dg train` on the tiny 2-D run: 2-step fakes, one optimizer step."""
+    return main(["dg", "train", str(run), "--out", str(out), "--steps", "2", "--kimg", "0.128", "--batch", "128",
+                 "--device", "cpu", "--no-progress", *extra])  # fmt: skip
+
+
+def _fakes_meta(path):
+    with np.load(path) as f:
+        return json.loads(str(f["meta"])), len(f["seeds"])
+
+
+def test_cached_fakes_made_with_other_settings_are_regenerated_with_a_reason(toy_run, tmp_path, capsys):
+    """--force with other generation settings regenerates DISC/fakes.npz and says why; never a silent reuse."""
+    out = tmp_path / "disc"
+    assert _dg_cli(toy_run, out) == 0
+    assert _fakes_meta(out / "fakes.npz")[0]["sampler"]["steps"] == 2
+    capsys.readouterr()
+    assert _dg_cli(toy_run, out, "--steps", "3") == 2  # without --force: the config check refuses, as before
+    assert "--force" in capsys.readouterr().err
+    assert _dg_cli(toy_run, out, "--steps", "3", "--force") == 0
+    err = capsys.readouterr().err
+    assert "fakes.npz: it was made with other settings (steps 2 -> 3); generating the fakes again (--force)" in err
+    assert _fakes_meta(out / "fakes.npz")[0]["sampler"]["steps"] == 3
+    assert _dg_cli(toy_run, out, "--steps", "3", "--kimg", "0.256") == 0  # same settings: reused, nothing said
+    assert "generating the fakes again" not in capsys.readouterr().err
+    assert _dg_cli(toy_run, out, "--steps", "3", "--num-fakes", "512", "--kimg", "0.256", "--force") == 0
+    assert "(number of fakes 1024 -> 512)" in capsys.readouterr().err
+    assert _fakes_meta(out / "fakes.npz")[1] == 512
+    # The base run moved on (its newest weights are another file) while this run has checkpoints trained on the old
+    # fakes: resuming on new ones would not be this run, so it is refused without --force.
+    with np.load(out / "fakes.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps({**meta, "model": meta["model"] + ".old"}))
+    np.savez(out / "fakes.npz", **arrays)
+    args = ("--steps", "3", "--num-fakes", "512", "--kimg", "0.384")
+    assert _dg_cli(toy_run, out, *args) == 2
+    err = capsys.readouterr().err
+    assert "(base model " in err and "this run's checkpoints were trained on those fakes: pass --force" in err
+    assert _dg_cli(toy_run, out, *args, "--force") == 0
+    assert "generating the fakes again (--force)" in capsys.readouterr().err
+
+
+def test_stale_fakes_reasons(tmp_path):
+    from aotdiff.guidance.train import stale_fakes_reason
+
+    made = {"model": "runs/a/ema.safetensors", "sampler": {"steps": 18, "rho": 7.0, "s_max": None}}
+    path = tmp_path / "fakes.npz"
+    np.savez(path, points=np.zeros((4, 2), np.float32), seeds=np.arange(4), meta=np.array(json.dumps(made)))
+    assert stale_fakes_reason(path, made, 4) is None
+    other = {"model": "runs/b/ema.safetensors", "sampler": {"steps": 18, "rho": 5.0, "s_max": None}}
+    reason = stale_fakes_reason(path, other, 4)
+    assert "base model runs/a/ema.safetensors -> runs/b/ema.safetensors" in reason and "rho 7.0 -> 5.0" in reason
+    np.savez(path, points=np.zeros((4, 2), np.float32), seeds=np.arange(1, 5), meta=np.array(json.dumps(made)))
+    assert stale_fakes_reason(path, made, 4) == "it was made with other settings (seeds -> 0-3)"
+    np.savez(path, points=np.zeros((4, 2), np.float32), seeds=np.arange(4))
+    assert stale_fakes_reason(path, made, 4) == "it does not record how it was made"
+
+
+def test_extractor_for_other_data_is_refused_before_any_fake_is_generated(toy_run, tmp_path, capsys):
+    out = tmp_path / "disc"
+    for flags in ([], ["--dry-run"]):  # --dry-run makes the same checks and fails the same way
+        assert _dg_cli(toy_run, out, "--dg-extractor", "adm32", *flags) == 2
+        assert "the adm32 discriminator is for images, but the data has shape (2,)" in capsys.readouterr().err
+        assert not (out / "fakes.npz").exists()
+    assert _dg_cli(toy_run, out, "--dry-run") == 0
+    assert "discriminator: mlp, items of shape (2,)" in capsys.readouterr().out
+
+
+def test_checks_that_need_only_the_base_models_shape(tmp_path):
+    """check_plan (run before any data or fake): adm32 wants 3 x 32 x 32 images and an existing classifier file."""
+    from pathlib import Path
+
+    from aotdiff.guidance.train import check_plan
+    from aotdiff.train.checkpoint import CheckpointError, LoadedModel
+
+    def base(shape):
+        return LoadedModel(denoiser=None, shape=shape, num_classes=0, config={"data": "digits"}, nimg=0, source=Path())
+
+    with pytest.raises(ValueError, match=r"--dg-extractor adm32 needs 3 x 32 x 32 images, got \(1, 8, 8\)"):
+        check_plan(DGConfig(base="x", extractor="adm32"), base((1, 8, 8)))
+    with pytest.raises(CheckpointError, match="missing.pt: no such file"):
+        check_plan(DGConfig(base="x", extractor="adm32", classifier=str(tmp_path / "missing.pt")), base((3, 32, 32)))
+    with pytest.raises(ValueError, match="--fakes .*nothing.npz: no such file"):
+        check_plan(DGConfig(base="x", fakes=str(tmp_path / "nothing.npz")), base((2,)))
+    assert check_plan(DGConfig(base="x"), base((2,))) == "mlp"
+
+
+def test_unbalanced_real_and_fake_counts_are_warned_about(toy_run, tmp_path, capsys):
+    from aotdiff.guidance.train import imbalance_warning
+
+    assert _dg_cli(toy_run, tmp_path / "disc", "--num-fakes", "256") == 0
+    err = capsys.readouterr().err
+    assert "1024 real vs 256 fake items" in err and "dominated by the majority class" in err
+    assert "(always answering real scores 0.80)" in err and "--num-fakes 0" in err
+    assert imbalance_warning(1000, 500, "") is None  # exactly 2x: fine
+    assert "always answering fake" in imbalance_warning(100, 201, "give as many fakes as real items")
+
+
+def test_fakes_of_another_kind_are_named_in_one_sentence(toy_run, tmp_path, capsys):
+    from aotdiff.guidance.train import read_fakes
+
+    np.savez(tmp_path / "images.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros(0, np.int64))
+    assert _dg_cli(toy_run, tmp_path / "disc", "--fakes", str(tmp_path / "images.npz")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read it" not in err
+    assert f"--fakes {tmp_path / 'images.npz'} holds images for another kind of model, but the model makes points " \
+           "of shape (2,): write its fakes with `aotdiff sample`" in err  # fmt: skip
+    np.savez(tmp_path / "empty.npz", labels=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match=r"holds no 'points' array, but the model makes points of shape \(2,\)"):
+        read_fakes(tmp_path / "empty.npz", (2,))
+    np.save(tmp_path / "bare.npy", np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_fakes(tmp_path / "bare.npy", (2,))
+
+
+def test_data_help_states_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["dg", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "real data (default: the base run's dataset) --fakes" in text
+    assert "default: generate them into DISC/fakes.npz --num-fakes" in text
+    assert "(default: 18)" in text  # the others still show theirs

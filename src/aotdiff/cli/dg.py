@@ -56,21 +56,24 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
-        shown = default if default != "" else "none"
-        help_text = f"{_HELP.get(f.name, f.metadata['help'])} (default: {shown})"
+        help_text = _HELP.get(f.name, f.metadata["help"])
+        if "default" not in help_text:  # a help that explains its default (e.g. --data) says it once
+            help_text += f" (default: {default if default != '' else 'none'})"
         p.add_argument(flag, dest=f.name, type=types[f.name], metavar=f.name.split("_")[-1].upper(), help=help_text)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from aotdiff.guidance.train import DGConfig, train_discriminator
+    from aotdiff.guidance.train import DGConfig, check_plan, load_base, train_discriminator
 
     names = {f.name for f in dataclasses.fields(DGConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     cfg = DGConfig.from_dict({**values, "base": str(args.base)})
     cfg.validate()
     out = args.out if args.out is not None else args.base.with_name(args.base.name + "-dg")
-    if args.dry_run:
-        print(f"run directory: {out}\n{cfg.to_json()}")
+    if args.dry_run:  # the checks a real start makes before any work, so a dry run fails where it would
+        base = load_base(cfg.base)
+        kind = check_plan(cfg, base)
+        print(f"run directory: {out}\ndiscriminator: {kind}, items of shape {tuple(base.shape)}\n{cfg.to_json()}")
         return 0
     result = train_discriminator(
         cfg, out, force=args.force, restart=args.restart, keep_going=args.keep_going,

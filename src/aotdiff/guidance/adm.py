@@ -457,6 +457,14 @@ def _names(keys: Sequence[str], n: int = 4) -> str:
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def require_classifier_file(path: str | Path) -> Path:
+    """``path`` if it is a file, else the one-line error that says where DG's classifier comes from."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file. {_WHERE}")
+    return path
+
+
 def load_adm_weights(model: EncoderUNet, path: str | Path) -> EncoderUNet:
     """Load a guided-diffusion state dict (e.g. ``32x32_classifier.pt``) into ``model`` strictly; returns ``model``.
 
@@ -464,9 +472,7 @@ def load_adm_weights(model: EncoderUNet, path: str | Path) -> EncoderUNet:
     uniform ``module.`` prefix (a state dict saved from ``DataParallel``) is removed. Every failure is a one-line
     ``CheckpointError`` naming the file: missing, not a state dict, wrong keys, wrong shapes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file. {_WHERE}")
+    path = require_classifier_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

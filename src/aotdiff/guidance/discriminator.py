@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from aotdiff.diffusion import SIGMA_DATA, Precond
-from aotdiff.guidance.adm import EncoderUNet, adm_classifier_32, dg_head, load_adm_weights
+from aotdiff.guidance.adm import EncoderUNet, adm_classifier_32, dg_head, load_adm_weights, require_classifier_file
 from aotdiff.guidance.vp import vp_alpha, vp_time
 from aotdiff.nets import build_network
 
@@ -122,6 +122,46 @@ def default_kind(shape: tuple[int, ...], classifier: str | None) -> str:
     return "denoiser"
 
 
+def check_extractor(
+    kind: str, shape: tuple[int, ...], *, classifier: str | Path | None = None, base: Precond | None = None
+) -> None:
+    """Refuse a discriminator kind that cannot judge items of ``shape``.
+
+    Cheap (no network is built, no file read), so `aotdiff dg train` and its --dry-run call it before generating any
+    fake: otherwise a wrong --dg-extractor is only found after minutes of sampling.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"--dg-extractor must be one of {', '.join(KINDS)}, got {kind!r}")
+    shape = tuple(shape)
+    if kind == "mlp":
+        if len(shape) != 1:
+            raise ValueError(f"the mlp discriminator is for 2-D points, but the data has shape {shape}")
+        return
+    if len(shape) != 3:
+        raise ValueError(f"the {kind} discriminator is for images, but the data has shape {shape}")
+    if kind == "adm32":
+        if shape != (3, 32, 32):
+            raise ValueError(f"--dg-extractor adm32 needs 3 x 32 x 32 images, got {shape}; use denoiser")
+        if classifier is None:
+            raise ValueError("--dg-extractor adm32 needs the ADM classifier file: --classifier 32x32_classifier.pt")
+        require_classifier_file(classifier)
+    elif base is not None and not hasattr(base.net, "encode"):
+        name = type(base.net).__name__
+        raise ValueError(f"the base model's network ({name}) has no encoder to extract features")
+
+
+def check_data_shape(discriminator: object, shape: tuple[int, ...]) -> None:
+    """Refuse guiding a model whose items are not what ``discriminator`` was trained on (when it records its data
+    shape, as :class:`Discriminator` does): the network's own complaint names neither of the two."""
+    spec = getattr(discriminator, "spec", None)
+    trained = spec.get("shape") if isinstance(spec, dict) else None
+    if trained is not None and tuple(trained) != tuple(shape):
+        raise ValueError(
+            f"the discriminator was trained for data of shape {tuple(trained)}, but the model makes shape "
+            f"{tuple(shape)}: train one for this model with `aotdiff dg train`"
+        )
+
+
 def build_discriminator(
     kind: str,
     *,
@@ -137,15 +177,12 @@ def build_discriminator(
 
     ``base`` is the trained diffusion model (``denoiser`` kind); ``classifier`` the ADM classifier file (``adm32``).
     """
-    if kind not in KINDS:
-        raise ValueError(f"--dg-extractor must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_extractor(kind, shape, classifier=classifier, base=base)
     spec: dict[str, Any] = {"kind": kind, "shape": list(shape), "num_classes": num_classes}
     extractor: nn.Module | None = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "mlp":
-            if len(shape) != 1:
-                raise ValueError(f"the mlp discriminator is for 2-D points, but the data has shape {shape}")
             # Low input frequencies (0.5 cycles per unit): guidance uses the *gradient* of the logit, and high-
             # frequency features let a barely informative discriminator (large sigma) wiggle with large gradients,
             # which sigma^2 then amplifies. Measured on toy2d (40 kimg base, 35 NFE, 4000 samples): sliced W2
@@ -161,13 +198,8 @@ def build_discriminator(
             )
             spec["head"] = head.config
             return Discriminator(spec, head)
-        if len(shape) != 3:
-            raise ValueError(f"the {kind} discriminator is for images, but the data has shape {shape}")
         if kind == "adm32":
-            if tuple(shape) != (3, 32, 32):
-                raise ValueError(f"--dg-extractor adm32 needs 3 x 32 x 32 images, got {shape}; use denoiser")
-            if classifier is None:
-                raise ValueError("--dg-extractor adm32 needs the ADM classifier file: --classifier 32x32_classifier.pt")
+            assert classifier is not None  # check_extractor refused its absence
             extractor = load_adm_weights(adm_classifier_32(), classifier)
             head = dg_head(conditional=num_classes > 0, num_classes=1000)
             spec["classifier"] = str(classifier)
@@ -177,8 +209,6 @@ def build_discriminator(
                 raise ValueError("the denoiser discriminator needs the trained base model")
             extractor = copy.deepcopy(base).float()
             net: Any = extractor.net
-            if not hasattr(net, "encode"):
-                raise ValueError(f"the base model's network ({type(net).__name__}) has no encoder to extract features")
             res, ch = net.feature_resolution, net.feature_channels
             head = EncoderUNet(
                 resolution=res, in_channels=ch, out_channels=1, width=width, depth=depth, channel_mult=(1,),

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from aotdiff.guidance.discriminator import check_data_shape
 from aotdiff.guidance.vp import edm_sigma, vp_time
 
 DG_TIME_MIN, DG_TIME_MAX = 0.01, 1.0  # DG's window in VP time: sigma ~0.0447 to ~152
@@ -132,6 +133,8 @@ class DiscriminatorGuidance:
     def __call__(
         self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, labels: torch.Tensor | None, stage: str
     ) -> torch.Tensor:
+        # before the window test, so a discriminator for other data is named at the first step, not mid-way
+        check_data_shape(self.discriminator, tuple(x.shape[1:]))
         weight = self.weight if stage == "euler" else self.weight2
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
         tau = vp_time(sigma)

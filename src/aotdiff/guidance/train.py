@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import ImageDataset, load_dataset
 from aotdiff.generate import SamplerSettings, generate
-from aotdiff.guidance.discriminator import POINT_GUIDE_SIGMA_MAX, Discriminator, build_discriminator, default_kind
+from aotdiff.guidance.discriminator import (
+    POINT_GUIDE_SIGMA_MAX,
+    Discriminator,
+    build_discriminator,
+    check_extractor,
+    default_kind,
+)
 from aotdiff.guidance.guide import WINDOW_SIGMA_MIN
 from aotdiff.guidance.vp import DG_SIGMA_MAX, DG_SIGMA_MIN, sample_dg_sigma
 from aotdiff.train import checkpoint as ckpt_io
@@ -203,24 +209,123 @@ def _to_model_space(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
 
 
+def _kind_of(shape: tuple[int, ...]) -> str:
+    return "images" if len(shape) == 3 else "points"
+
+
 def read_fakes(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples from a .npz in aotdiff's sample format: images (uint8 NHWC) or points, and labels."""
+    key, other = ("images", "points") if len(shape) == 3 else ("points", "images")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if len(shape) == 3:
-                if "images" not in f:
-                    raise ValueError(f"--fakes {path}: no 'images' array (write it with `aotdiff sample`)")
-                items = _to_model_space(f["images"])
-            else:
-                if "points" not in f:
-                    raise ValueError(f"--fakes {path}: no 'points' array (write it with `aotdiff sample`)")
-                items = torch.from_numpy(np.asarray(f["points"], dtype=np.float32))
-            labels = torch.from_numpy(f["labels"].astype(np.int64)) if "labels" in f and f["labels"].size else None
-    except (OSError, ValueError, KeyError) as e:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("not an .npz archive")
+        with loaded as f:
+            names = set(f.files)
+            raw = f[key] if key in names else None
+            labels_raw = f["labels"] if "labels" in names else None
+    except (OSError, ValueError, KeyError) as e:  # missing, not an .npz, truncated, pickled objects
         raise ValueError(f"--fakes {path}: cannot read it ({e})") from None
+    if raw is None:  # one sentence: what is there, what the model needs (not wrapped in "cannot read it")
+        found = f"{other} for another kind of model" if other in names else f"no '{key}' array"
+        raise ValueError(f"--fakes {path} holds {found}, but the model makes {_kind_of(shape)} of shape "
+                         f"{tuple(shape)}: write its fakes with `aotdiff sample`")  # fmt: skip
+    items = _to_model_space(raw) if len(shape) == 3 else torch.from_numpy(np.asarray(raw, dtype=np.float32))
+    labels = torch.from_numpy(labels_raw.astype(np.int64)) if labels_raw is not None and labels_raw.size else None
     if tuple(items.shape[1:]) != tuple(shape):
         raise ValueError(f"--fakes {path}: items of shape {tuple(items.shape[1:])}, the model makes {tuple(shape)}")
     return items, labels
+
+
+def _discriminator_base(path: str) -> str | None:
+    """The diffusion model a discriminator run at ``path`` was trained for ("" when it does not say); None when
+    ``path`` is not a discriminator (or cannot be read: then load_model's own error stands)."""
+    from safetensors import safe_open
+
+    for ema in (True, False):  # ema.safetensors may hold no tensors; the description is in both files
+        try:
+            weights = ckpt_io.resolve_weights(path, ema)
+            with safe_open(str(weights), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception:  # noqa: BLE001 - any failure: not recognisably a discriminator
+            continue
+        if "discriminator" in meta:
+            try:
+                return str(json.loads(meta.get("config", "{}")).get("base", ""))
+            except ValueError:
+                return ""
+    return None
+
+
+def load_base(path: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """The diffusion model to train a discriminator for, with a plain answer when ``path`` is a discriminator run
+    (the loader would only say that the file has no network description)."""
+    try:
+        return load_model(path, device=device)
+    except ckpt_io.CheckpointError:
+        trained_for = _discriminator_base(path)
+        if trained_for is None:
+            raise
+        hint = f" (this one was trained for {trained_for})" if trained_for else ""
+        raise ValueError(f"{path} is a discriminator run (`aotdiff dg train`), not a diffusion model: pass the "
+                         f"diffusion run to train a discriminator for{hint}") from None  # fmt: skip
+
+
+def check_plan(cfg: DGConfig, base: LoadedModel) -> str:
+    """Every check that needs only the flags and the base model's shape and config, made before any data is read or
+    any fake generated (and by --dry-run): a wrong --dg-extractor used to surface after minutes of sampling.
+    Returns the discriminator kind."""
+    shape = tuple(base.shape)
+    kind = cfg.extractor if cfg.extractor != "auto" else default_kind(shape, cfg.classifier or None)
+    check_extractor(kind, shape, classifier=cfg.classifier or None, base=base.denoiser)  # type: ignore[arg-type]
+    if not (cfg.data or base.config.get("data")):
+        raise ValueError("the base model does not name its dataset: pass --data PATH")
+    if cfg.fakes and not Path(cfg.fakes).is_file():
+        raise ValueError(f"--fakes {cfg.fakes}: no such file")
+    return kind
+
+
+# Real and fake counts further apart than this make the unweighted loss's accuracy mostly the majority rate.
+IMBALANCE = 2.0
+
+
+def imbalance_warning(num_real: int, num_fake: int, remedy: str) -> str | None:
+    """A one-line warning when one class outnumbers the other more than IMBALANCE times (None otherwise). The loss
+    stays unweighted (DG's recipe); the warning says why the logged accuracy then means little."""
+    small, large = sorted((num_real, num_fake))
+    if large <= IMBALANCE * small:
+        return None
+    majority = "real" if num_real > num_fake else "fake"
+    rate = large / max(num_real + num_fake, 1)
+    return (
+        f"warning: {num_real} real vs {num_fake} fake items: the loss is unweighted (DG's recipe), so the "
+        f"accuracy is dominated by the majority class (always answering {majority} scores {rate:.2f}); {remedy}"
+    )
+
+
+def stale_fakes_reason(path: Path, made: dict[str, Any], num: int) -> str | None:
+    """Why the cached fakes at ``path`` are not what the configuration asks for now (None: they are). ``made`` is the
+    meta that generating them now would record; ``num`` the number of fakes (seeds 0 .. num - 1)."""
+    made = json.loads(json.dumps(made))  # compared as read back from the file (JSON's floats and None)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"])) if "meta" in f.files else None
+            seeds = np.asarray(f["seeds"]) if "seeds" in f.files else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"it cannot be read ({e})"
+    if not isinstance(meta, dict):
+        return "it does not record how it was made"
+    reasons = []
+    if meta.get("model") != made["model"]:
+        reasons.append(f"base model {meta.get('model')} -> {made['model']}")
+    sampler = meta.get("sampler")
+    was: dict[str, Any] = sampler if isinstance(sampler, dict) else {}
+    reasons += [f"{k} {was.get(k)} -> {v}" for k, v in made["sampler"].items() if was.get(k) != v]
+    if seeds is None or len(seeds) != num:
+        reasons.append(f"number of fakes {'?' if seeds is None else len(seeds)} -> {num}")
+    elif not np.array_equal(seeds, np.arange(num)):
+        reasons.append(f"seeds -> 0-{num - 1}")
+    return f"it was made with other settings ({', '.join(reasons)})" if reasons else None
 
 
 class DGTrainer(RunLoop):
@@ -233,6 +338,7 @@ class DGTrainer(RunLoop):
     def __init__(self, cfg: DGConfig, run_dir: str | Path, **kw: Any):
         cfg.validate()
         self._stream: PairedBatchStream | None = None
+        self._forced = bool(kw.get("force", False))  # only to say why cached fakes are regenerated
         super().__init__(cfg, run_dir, **kw)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -240,9 +346,10 @@ class DGTrainer(RunLoop):
         cfg, device = self.cfg, self.device
         if self.info.enabled:
             raise ValueError("aotdiff dg train runs on one device; start it without torchrun")
-        base = load_model(cfg.base, device=device)
+        base = load_base(cfg.base, device=device)
         self.base = base
         self.shape = tuple(base.shape)
+        kind = check_plan(cfg, base)  # before reading data or generating fakes
         real_items, real_labels = self._real_data(base)
         fake_items, fake_labels = self._fakes(base, len(real_items))
         cond = base.num_classes > 0
@@ -250,7 +357,6 @@ class DGTrainer(RunLoop):
             raise ValueError("the base model is class-conditional: real data and fakes need labels")
         labels = torch.cat([real_labels, fake_labels]) if cond else None  # type: ignore[list-item]
         self.data = RealFake(torch.cat([real_items, fake_items]), labels, len(real_items))
-        kind = cfg.extractor if cfg.extractor != "auto" else default_kind(self.shape, cfg.classifier or None)
         self.disc: Discriminator = build_discriminator(
             kind, shape=self.shape, num_classes=base.num_classes, base=base.denoiser,  # type: ignore[arg-type]
             classifier=cfg.classifier or None, width=cfg.width, depth=cfg.depth, seed=cfg.seed,
@@ -283,15 +389,40 @@ class DGTrainer(RunLoop):
             raise ValueError(f"--data {spec} has no labels, but the base model is class-conditional")
         return items.float(), labels
 
+    def _warn_imbalance(self, num_real: int, num_fake: int, remedy: str) -> None:
+        warning = imbalance_warning(num_real, num_fake, remedy)
+        if warning:
+            self.say(warning)
+
     def _fakes(self, base: LoadedModel, num_real: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg
         if cfg.fakes:
-            return read_fakes(Path(cfg.fakes), self.shape)
-        path = self.run_dir / "fakes.npz"
-        if path.is_file():  # generated by an earlier start of this run: same seeds, same samples
-            return read_fakes(path, self.shape)
+            items, labels = read_fakes(Path(cfg.fakes), self.shape)
+            self._warn_imbalance(num_real, len(items), "give as many fakes as real items")
+            return items, labels
         n = cfg.num_fakes or num_real
+        self._warn_imbalance(num_real, n, "--num-fakes 0 generates as many as the data holds")  # before generating
         settings = SamplerSettings(steps=cfg.steps, rho=cfg.rho, solver=cfg.solver)
+        made = {"model": str(base.source), "sampler": settings.to_dict()}
+        path = self.run_dir / "fakes.npz"
+        if path.is_file():  # generated by an earlier start of this run: reused only if made as asked now
+            reason = stale_fakes_reason(path, made, n)
+            if reason is None:
+                return read_fakes(path, self.shape)
+            if not self._forced and ckpt_io.list_checkpoints(self.run_dir):
+                # e.g. the base run saved a newer checkpoint since: resuming on other fakes would not be this run.
+                raise ValueError(
+                    f"{path}: {reason}, and this run's checkpoints were trained on those fakes: pass --force to "
+                    "generate new ones and continue on them, or use another --out"
+                )
+            forced = " (--force)" if self._forced else ""
+            self.say(f"{path}: {reason}; generating the fakes again{forced}")
+        return self._generate_fakes(base, path, n, settings, made)
+
+    def _generate_fakes(
+        self, base: LoadedModel, path: Path, n: int, settings: SamplerSettings, made: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.cfg
         from tqdm import tqdm
 
         bar = tqdm(total=n, unit="img", desc="generating fakes", disable=not self.progress, dynamic_ncols=True)
@@ -304,7 +435,7 @@ class DGTrainer(RunLoop):
         arrays: dict[str, np.ndarray] = {
             "seeds": np.arange(n, dtype=np.int64),
             "labels": labels.numpy() if labels is not None else np.zeros(0, np.int64),
-            "meta": np.array(json.dumps({"model": str(base.source), "sampler": settings.to_dict()})),
+            "meta": np.array(json.dumps(made)),
         }
         if len(self.shape) == 3:
             arrays["images"] = torch.cat([b.images for b in batches]).permute(0, 2, 3, 1).numpy()
