@@ -234,3 +234,12 @@ def test_generate_draws_the_latent_then_the_label_from_each_seeds_generator():
         assert torch.equal(got, labels)
         torch.testing.assert_close(torch.cat([b.raw for b in batches]), points[labels], rtol=0, atol=1e-12)
     torch.testing.assert_close(first[0], latents * 80.0, rtol=1e-12, atol=0)
+
+
+def test_truncation_counts_must_be_coarser_than_the_fine_grid():
+    """An "18-step error" against a 4-step reference measures nothing: refused, naming both."""
+    denoiser = lambda x, sigma, labels=None: gaussian_denoiser(x, sigma, data_std=0.5)  # noqa: E731
+    with pytest.raises(ValueError, match=r"truncation step counts \[3, 5\] must be below fine_steps 4"):
+        curvature_report(denoiser, (2,), range(2), fine_steps=4, truncation_steps=(3, 5))
+    report = curvature_report(denoiser, (2,), range(2), fine_steps=6, truncation_steps=(3, 5))
+    assert set(report["truncation_error"]) == {"3", "5"}

@@ -636,7 +636,7 @@ def counted_calls(monkeypatch):
     "command",
     [["sample", "{toy}", "--seeds", "0-3", "--out", "{ro}/s.npz"],
      ["sample", "{toy}", "--seeds", "0-3", "--out", "{tmp}/s.npz", "--grid", "{ro}/sub/g.png"],
-     ["curvature", "{toy}", "--num", "4", "--out", "{ro}/c.json"],
+     ["curvature", "{toy}", "--num", "4", "--truncation-steps", "1", "--out", "{ro}/c.json"],
      ["fid", "calc", "{digits}", "--ref", "{tmp}/ref.npz", "--num", "4", "--out", "{ro}/f.json"],
      ["fid", "ref", "--data", "digits", "--out", "{ro}/r.npz"]],
     ids=["sample", "sample-grid", "curvature", "fid-calc", "fid-ref"],
@@ -680,7 +680,7 @@ def test_truncated_weights_file_gets_a_one_line_error(raw, digits_run, tmp_path,
     assert main(["sample", str(weights), "--device", "cpu", *(["--raw"] if raw else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"aotdiff sample: error: {weights}") and err.count("\n") == 1, err
-    assert "truncated" in err and not (tmp_path / "samples-heun18-rho7.npz").exists()
+    assert "truncated" in err and not (tmp_path / "cut-samples-heun18-rho7.npz").exists()
 
 
 # ------------------------------------------------------------------------------------------------ numbers up front
@@ -705,6 +705,11 @@ def test_truncated_weights_file_gets_a_one_line_error(raw, digits_run, tmp_path,
         (["--seeds", "5-3"], "seed range '5-3' is empty"),
         (["--seeds", "1,x"], "cannot read seeds '1,x'"),
         (["--class", "-1"], "--class must be a class index >= 0, got -1"),
+        (["--s-min", "5", "--s-max", "1", "--churn", "1"],
+         "s_min (--s-min) must be below s_max (--s-max), got 5 >= 1: no noise level would get churn; swap them or "
+         "widen the window\n"),
+        (["--seeds", "0-3,2"], "seed 2 is given twice in '0-3,2': one seed is one sample, so it would be counted "
+         "twice; list each seed once\n"),
     ],
 )  # fmt: skip
 def test_bad_numbers_are_refused_before_the_model_is_loaded(flags, message, toy_run, monkeypatch, capsys):
@@ -943,3 +948,127 @@ def test_convert_which_picks_the_ema_or_the_live_weights(toy_run, tmp_path, caps
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which
         files[which] = got
     assert any(not torch.equal(files["ema"][k], files["net"][k]) for k in files["ema"])
+
+
+# ------------------------------------------------------------------------------------------------ new-user findings
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: the refusals below must come before it."""
+    from aotdiff.train import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", refuse)
+
+
+DG_WITHOUT_DG = [
+    (["--dg-weight", "3"], "--dg-weight"),
+    (["--dg-weight2", "0"], "--dg-weight2"),  # given, even at its default value
+    (["--dg-sigma-max", "5"], "--dg-sigma-max"),
+    (["--dg-boost"], "--dg-boost"),
+    (["--no-dg-boost"], "--no-dg-boost"),
+    (["--dg-classifier", "adm.pt"], "--dg-classifier"),
+]
+
+
+@pytest.mark.parametrize(("flags", "flag"), DG_WITHOUT_DG, ids=[f for _, f in DG_WITHOUT_DG])
+@pytest.mark.parametrize("command", ["sample", "curvature", "fid calc", "sweep"])
+def test_a_dg_setting_without_dg_is_refused(command, flags, flag, no_loading, toy_run, tmp_path, capsys):
+    """Without --dg there is no guidance for a --dg-* flag to set: it was silently ignored, now refused."""
+    if command == "sweep" and flag == "--dg-weight":
+        flags = ["--dg-weight2", "1"]  # sweep's --dg-weight is a list, with its own refusal (tests/test_dg_cli.py)
+        flag = "--dg-weight2"
+    save_reference(tmp_path / "ref.npz", _stats(np.zeros(128), np.eye(128)))
+    extra = {"fid calc": ["--ref", str(tmp_path / "ref.npz"), "--num", "8"], "sweep": ["--out", str(tmp_path / "s")]}
+    args = [*command.split(), str(toy_run), *extra.get(command, []), *flags, "--device", "cpu"]
+    assert main(args) == 2
+    name = command.split()[0]
+    assert capsys.readouterr().err == (
+        f"aotdiff {name}: error: {flag} needs --dg DISC: it sets Discriminator Guidance, which is off without a "
+        f"discriminator; add --dg DISC or drop {flag}\n"
+    )
+
+
+def test_curvature_takes_seeds_or_num_not_both(no_loading, toy_run, capsys):
+    """`--seeds` is "explicit seeds instead of --num": both at once is refused, as in `sweep` (it used to drop --num)."""
+    assert main(["curvature", str(toy_run), "--num", "8", "--seeds", "0-3", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "aotdiff curvature: error: give --seeds or --num, not both (--num N means --seeds 0-<N-1>)\n"
+    )
+
+
+def test_curvature_refuses_truncation_counts_not_below_the_fine_grid(no_loading, toy_run, capsys):
+    """A 9- or 18-step 'truncation error' measured against a 4-step reference is no truncation error at all."""
+    assert main(["curvature", str(toy_run), "--steps", "4", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "aotdiff curvature: error: --truncation-steps 5,9,18 are not below --steps 4, the fine reference grid the "
+        "truncation error is measured against; raise --steps above 18 or give --truncation-steps counts below 4\n"
+    )
+    assert main(["curvature", str(toy_run), "--steps", "8", "--truncation-steps", "2,8", "--device", "cpu"]) == 2
+    assert "error: --truncation-steps 8 is not below --steps 8," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["fid calc {digits} --num 8", "sweep {digits} --metric fid --out {tmp}/s"])
+def test_a_reference_that_is_not_an_npz_is_named_as_such(command, no_loading, digits_run, tmp_path, capsys):
+    """A README given as --ref was 'refused for holding pickled objects': say what it is not, and how to make one."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# notes\n")
+    names = {"digits": str(digits_run), "tmp": str(tmp_path)}
+    assert main([*command.format(**names).split(), "--ref", str(readme), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"aotdiff {command.split()[0]}: error: '{readme}' is not an .npz of reference statistics (from `aotdiff fid "
+        "ref`); make one with `aotdiff fid ref --data DATA --out REF.npz` or use EDM's published reference .npz\n"
+    )
+
+
+def test_samples_of_weights_files_in_one_folder_do_not_overwrite_each_other(toy_run, tmp_path, capsys):
+    """Without --out, samples of DIR/NAME.safetensors go to DIR/NAME-samples-<settings>.npz (a run directory keeps
+    MODEL/samples-<settings>.npz: test_default_output_names_say_the_settings), and one sample is 'sample'."""
+    ema = ckpt_io.list_checkpoints(toy_run)[-1] / "ema.safetensors"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(ema.read_bytes())
+        assert main(["sample", str(tmp_path / f"{name}.safetensors"), "--steps", "2", "--seeds", "3", "--device",
+                     "cpu", "--no-progress"]) == 0  # fmt: skip
+        out = tmp_path / f"{name}-samples-heun2-rho7.npz"
+        assert capsys.readouterr().out == f"wrote 1 sample (3 network evaluations each) to {out}\n"
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["a-samples-heun2-rho7.npz", "b-samples-heun2-rho7.npz"]
+
+
+class _Sampled(Exception):
+    """Raised where fid calc would start sampling, so the test stops there."""
+
+
+@pytest.mark.parametrize(("flags", "told"), [([], True), (["--seeds", "0-49999"], False), (["--num", "50000"], False)])
+def test_fid_calc_says_it_scores_the_full_protocol_before_sampling(
+    flags, told, digits_run, cache, tmp_path, monkeypatch, capsys
+):
+    """Without --num or --seeds a digits run silently started 50,000 samples (minutes on a CPU): say so first."""
+    from aotdiff.cli import fid as fid_cli
+
+    def stop(*args, **kwargs):
+        raise _Sampled
+
+    monkeypatch.setattr(fid_cli, "compute_stats", stop)
+    save_reference(tmp_path / "ref.npz", _stats(np.zeros(128), np.eye(128)))
+    with pytest.raises(_Sampled):
+        main(["fid", "calc", str(digits_run), "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "f.json"),
+              "--device", "cpu", "--no-progress", *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    note = "FD-digits: scoring 50,000 samples (the FID protocol's 50,000; --num N for fewer)\n"
+    assert (note in err) is told and err.count("scoring") == int(told), err
+
+
+def test_the_coupling_docs_example_says_what_source_is_and_runs():
+    """docs/coupling.md's PairedBatchStream example used an undefined `source`: it must run as written."""
+    text = (Path(__file__).parents[1] / "docs" / "coupling.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "PairedBatchStream(" in block)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 4, 4, generator=g)
+    scope = {"images": images, "noise": torch.randn(64, 3, 4, 4, generator=g),
+             "labels": torch.randint(0, 2, (64,), generator=g)}  # fmt: skip
+    exec(code, scope)
+    try:
+        assert scope["b"].images.shape == (64, 3, 4, 4)
+    finally:
+        scope["stream"].close()

@@ -324,6 +324,25 @@ def test_seeds_are_parsed_within_int64_and_a_sane_count():
             parse_seeds(bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "repeated"),
+    [("0-3,2", 2), ("5,5", 5), ("10-20,0-9,15-16", 15), ("7-9,1-7", 7), ("0-4,100,3-200", 3)],
+)
+def test_a_seed_given_twice_is_refused_naming_it(text, repeated):
+    """A repeated seed is the same sample twice (it biases an FID towards it): refused, naming the smallest repeat."""
+    with pytest.raises(ValueError, match=rf"^seed {repeated} is given twice in '{text}'"):
+        parse_seeds(text)
+    assert parse_seeds("3-5,0-2,6") == [3, 4, 5, 0, 1, 2, 6]  # order is kept; disjoint ranges in any order are fine
+
+
+def test_an_empty_churn_window_is_refused():
+    """Churn happens where s_min <= sigma <= s_max: with s_min at or above s_max no step would get any."""
+    for s_min, s_max in ((5.0, 1.0), (2.0, 2.0)):
+        with pytest.raises(ValueError, match=r"^s_min \(--s-min\) must be below s_max \(--s-max\), got"):
+            SamplerSettings(churn=1.0, s_min=s_min, s_max=s_max)
+    assert SamplerSettings(churn=1.0, s_min=1.0, s_max=5.0).s_min == 1.0
+
+
 def test_generate_draws_each_seeds_latent_then_its_label_from_that_seed_alone():
     """EDM's order per seed: the latent is the first draw of torch.Generator().manual_seed(seed), the class label the
     next (randint), whatever the batch; the network sees exactly these latents x sigma_max and labels."""

@@ -271,6 +271,7 @@ def test_sweep_command_writes_tables_and_plots(toy_run, tmp_path, capsys):
     saved = json.loads((out / "sweep.json").read_text())
     assert float(table[0]["curvature"]) == saved["curvature"]["toy"]["curvature"]
     assert saved["curvature"]["toy"]["num"] == 4 and saved["curvature"]["toy"]["steps"] == 8
+    assert set(saved["curvature"]["toy"]["truncation_error"]) == {"3", "5"}  # only counts below the 8-step grid
     text = (out / "table.md").read_text()
     assert "| NFE 2 | NFE 3 | NFE 5 |" in text and "![quality_vs_nfe](quality_vs_nfe.png)" in text
     for name in ("quality_vs_nfe.png", "curvature_vs_sigma.png"):

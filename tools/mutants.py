@@ -86,7 +86,7 @@ MUTANTS: list[tuple[str, str, str, str]] = [
     ('src/aotdiff/generate.py', 'if not 0 <= class_label < num_classes:', 'if not 0 <= class_label <= num_classes:', 'tests/test_sampling.py -k class_label_range'),
     ('src/aotdiff/generate.py', '        return torch.full((len(rng),), class_label, dtype=torch.int64)\n', '        return rng.randint(num_classes)\n', 'tests/test_sampling.py -k class_label_range'),
     ('src/aotdiff/generate.py', '        rng = SeedRNG(chunk)\n', '        rng = SeedRNG([s + start for s in chunk])\n', 'tests/test_sampling.py -k latent_then'),
-    ('src/aotdiff/cli/sample.py', 'return base / f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"', 'return base / f"samples-{settings.solver}{settings.steps}.npz"', 'tests/test_eval_cli.py -k default_output_names'),
+    ('src/aotdiff/cli/sample.py', 'name = f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"', 'name = f"samples-{settings.solver}{settings.steps}.npz"', 'tests/test_eval_cli.py -k default_output_names'),
     ('src/aotdiff/cli/sample.py', 'model = load_model(args.model, ema=not args.raw, device=device)', 'model = load_model(args.model, ema=True, device=device)', 'tests/test_eval_cli.py -k raw_reads'),
     ('src/aotdiff/cli/fid.py', '    source = open_source(args.source, ema=not args.raw, device=device)', '    source = open_source(args.source, ema=True, device=device)', 'tests/test_eval_cli.py -k raw_reads'),
     ('src/aotdiff/cli/curvature.py', '    model = load_model(args.model, ema=not args.raw, device=device)', '    model = load_model(args.model, ema=True, device=device)', 'tests/test_eval_cli.py -k raw_reads'),

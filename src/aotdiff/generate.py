@@ -69,6 +69,11 @@ class SamplerSettings:
         for name in ("churn", "s_min", "s_noise"):
             _check_number(name, getattr(self, name), low=0.0, low_ok=True)
         _check_number("s_max", self.s_max, low=0.0, low_ok=False, inf_ok=True)  # inf: churn at every level
+        if not self.s_min < self.s_max:  # churn only where s_min <= sigma <= s_max: this window would be empty
+            raise ValueError(
+                f"s_min (--s-min) must be below s_max (--s-max), got {self.s_min:g} >= {self.s_max:g}: no noise level "
+                "would get churn; swap them or widen the window"
+            )
 
     def sigmas(self, device: torch.device | str | None = None) -> torch.Tensor:
         return karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho, device=device)
@@ -281,9 +286,11 @@ def parse_seeds(text: str, *, limit: int = MAX_SEEDS) -> list[int]:
     """'0-63' -> [0..63]; '1,5,9-11' -> [1, 5, 9, 10, 11]. Ranges are inclusive, like EDM's generate.py.
 
     Seeds lie in [0, 2^63 - 1] (they are stored as int64); more than ``limit`` seeds are refused before any list is
-    built, so a mistyped range cannot exhaust memory.
+    built, so a mistyped range cannot exhaust memory. A seed given twice is refused: it names the same sample, which
+    would then count twice (in an FID, a bias towards it).
     """
     seeds: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part, flags=re.ASCII)
@@ -301,9 +308,28 @@ def parse_seeds(text: str, *, limit: int = MAX_SEEDS) -> list[int]:
                 f"{limit:,}: split the job into seed ranges"
             )
         seeds.extend(range(lo, hi + 1))
+        ranges.append((lo, hi))
     if not seeds:
         raise ValueError("no seeds given: use a range like 0-63")
+    repeated = _first_repeated_seed(ranges)
+    if repeated is not None:
+        raise ValueError(f"seed {repeated} is given twice in '{text}': one seed is one sample, so it would be counted "
+                         "twice; list each seed once")  # fmt: skip
     return seeds
+
+
+def _first_repeated_seed(ranges: list[tuple[int, int]]) -> int | None:
+    """The smallest seed that lies in two of the inclusive ranges, or None.
+
+    Sorted by start, a range overlaps an earlier one exactly when it starts at or below the highest end so far, and
+    the first such start is the smallest shared seed. Works on the ranges, not a set of up to 10^7 seeds.
+    """
+    highest = -1
+    for lo, hi in sorted(ranges):
+        if lo <= highest:
+            return lo
+        highest = max(highest, hi)
+    return None
 
 
 def check_class_label(class_label: int | None, num_classes: int) -> None:

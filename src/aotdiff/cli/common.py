@@ -142,7 +142,7 @@ def add_dg_flags(p: argparse.ArgumentParser) -> None:
                    "--dg-classifier (default: no guidance)")  # fmt: skip
     g.add_argument("--dg-weight", type=float, default=None, metavar="W", help="guidance weight on the Euler slope "
                    "(default: 2 for unconditional models, 1 for conditional ones, as DG)")  # fmt: skip
-    g.add_argument("--dg-weight2", type=float, default=0.0, metavar="W2", help="guidance weight on the Heun "
+    g.add_argument("--dg-weight2", type=float, default=None, metavar="W2", help="guidance weight on the Heun "
                    "correction (default: 0, as DG)")  # fmt: skip
     g.add_argument("--dg-sigma-max", type=float, default=None, metavar="S", help="apply the guidance only while "
                    "sigma <= S (default: what `aotdiff dg train` recorded with the discriminator: 1 for 2-D points; "
@@ -166,7 +166,8 @@ def guidance_from_args(args: argparse.Namespace, num_classes: int, device: torch
         raise UserError(f"--dg {args.dg} is class-conditional but the model is not")
     weight = args.dg_weight if args.dg_weight is not None else (1.0 if cond else 2.0)
     boost = args.dg_boost if args.dg_boost is not None else cond
-    return DiscriminatorGuidance(disc, weight=weight, weight2=args.dg_weight2, boost=boost,
+    weight2 = args.dg_weight2 if args.dg_weight2 is not None else 0.0
+    return DiscriminatorGuidance(disc, weight=weight, weight2=weight2, boost=boost,
                                  sigma_max=getattr(args, "dg_sigma_max", None))  # fmt: skip
 
 
@@ -180,9 +181,10 @@ def guidance_meta(guidance: Any, args: argparse.Namespace) -> dict[str, Any] | N
 
 def check_dg_flags(args: argparse.Namespace) -> None:
     """Guidance numbers refused before any work, like the sampler's."""
+    check_dg_flags_need_dg(args)
     for flag, value in (
         ("--dg-weight", getattr(args, "dg_weight", None)),
-        ("--dg-weight2", getattr(args, "dg_weight2", 0.0)),
+        ("--dg-weight2", getattr(args, "dg_weight2", None)),
     ):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{flag} must be a finite number >= 0, got {value}")
@@ -194,6 +196,19 @@ def check_dg_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--dg-sigma-max must be a number > {low:.4f} (where DG's window starts), got {sigma_max}")
     if getattr(args, "dg", None) is not None and not Path(args.dg).exists():
         raise UserError(f"--dg {args.dg}: no such file or directory (train one with `aotdiff dg train RUN --out DISC`)")
+
+
+def check_dg_flags_need_dg(args: argparse.Namespace) -> None:
+    """A --dg-* setting without --dg would be ignored (there is no guidance to set): refuse it, so a forgotten --dg
+    does not pass for a guided result. Every --dg-* flag defaults to None, so "given" means "not None"."""
+    if getattr(args, "dg", None) is not None:
+        return
+    for dest in ("dg_weight", "dg_weight2", "dg_sigma_max", "dg_boost", "dg_classifier"):
+        value = getattr(args, dest, None)
+        if value is not None:
+            flag = "--no-dg-boost" if value is False else "--" + dest.replace("_", "-")
+            raise UserError(f"{flag} needs --dg DISC: it sets Discriminator Guidance, which is off without a "
+                            f"discriminator; add --dg DISC or drop {flag}")  # fmt: skip
 
 
 def add_class_flag(p: argparse.ArgumentParser) -> None:

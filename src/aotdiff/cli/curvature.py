@@ -50,13 +50,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "model", type=Path, help="run directory (newest checkpoint), checkpoint folder, .safetensors or EDM .pkl"
     )
-    p.add_argument("--num", type=int, default=256, help="trajectories (seeds 0..num-1; default: 256)")
-    p.add_argument("--seeds", default=None, help="explicit seeds instead of --num, e.g. 100-355")
+    # --num defaults to None so that --num given beside --seeds can be refused (as in `sweep`), not silently dropped.
+    p.add_argument("--num", type=int, default=None, help=f"trajectories, seeds 0..num-1 (default: {DEFAULT_NUM})")
+    p.add_argument("--seeds", default=None, help="explicit seeds instead of --num (give one or the other), e.g. "
+                   "100-355")  # fmt: skip
     p.add_argument("--steps", "--fine-steps", dest="steps", type=int, default=256, metavar="N", help="sampler steps N "
                    "of the fine reference grid: Heun, 2N-1 network evaluations per trajectory (default: 256)")  # fmt: skip
     p.add_argument("--rho", type=float, default=7.0, help="schedule exponent of the fine grid (default: 7)")
     p.add_argument("--truncation-steps", default="3,5,9,18", help="step counts N of the coarse samplers compared "
-                   "with the fine solution (default: 3,5,9,18)")  # fmt: skip
+                   "with the fine solution, each below --steps (default: 3,5,9,18)")  # fmt: skip
     p.add_argument("--truncation-rho", type=float, default=None, help="their schedule exponent (default: --rho)")
     p.add_argument(
         "--truncation-solver", choices=("heun", "euler"), default="heun", help="their solver (default: heun)"
@@ -78,6 +80,7 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+DEFAULT_NUM = 256
 BOOST_REFUSED = "boosting adds churn, so the trajectories would be stochastic, not the ODE whose curvature is measured"
 
 
@@ -92,6 +95,31 @@ def summary(report: dict[str, Any]) -> str:
     )
 
 
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """--seeds, else 0..N-1 with N from --num; both at once is refused, as in `aotdiff sweep`."""
+    if args.seeds is not None and args.num is not None:
+        raise UserError("give --seeds or --num, not both (--num N means --seeds 0-<N-1>)")
+    if args.seeds is not None:
+        return parse_seeds(args.seeds)
+    num = args.num if args.num is not None else DEFAULT_NUM
+    check_count(num, "--num")
+    return list(range(num))
+
+
+def _check_truncation_below_fine(truncation: list[int], fine_steps: int) -> None:
+    """The truncation error is measured against the fine solution, so a coarse grid that is not coarser than the
+    fine one would report a number against a reference no better than itself."""
+    bad = [n for n in truncation if n >= fine_steps]
+    if bad:
+        listed = ",".join(str(n) for n in bad)
+        verb = "is" if len(bad) == 1 else "are"
+        raise UserError(
+            f"--truncation-steps {listed} {verb} not below --steps {fine_steps}, the fine reference grid the truncation "
+            f"error is measured against; raise --steps above {max(bad)} or give --truncation-steps counts below "
+            f"{fine_steps}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from aotdiff.metrics import curvature_report
     from aotdiff.train.checkpoint import load_model
@@ -99,13 +127,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Every number is checked before the model is loaded: the fine grid and each coarse grid are sampler settings.
     truncation = parse_int_list(args.truncation_steps, "--truncation-steps")
-    if args.seeds is not None:
-        seeds = parse_seeds(args.seeds)
-    else:
-        check_count(args.num, "--num")
-        seeds = list(range(args.num))
+    seeds = _seeds(args)
     if args.steps < 2:
         raise ValueError(f"--steps (the fine grid) must be at least 2, got {args.steps}")
+    _check_truncation_below_fine(truncation, args.steps)
     SamplerSettings(steps=args.steps, rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
     t_rho = args.rho if args.truncation_rho is None else args.truncation_rho
     for n in truncation:

@@ -254,6 +254,12 @@ def resolve_count(args: argparse.Namespace, source: SampleSource) -> tuple[int, 
     return count, seeds
 
 
+def _note_protocol_count(count: int, metric: str) -> None:
+    """Say, before it starts, that the default is the full protocol: on a CPU that is many minutes of sampling."""
+    print(f"{metric}: scoring {count:,} samples (the FID protocol's {FULL_PROTOCOL:,}; --num N for fewer)",
+          file=sys.stderr)  # fmt: skip
+
+
 def _counting(batches: Iterator[Any], counted: list[int], dg_counted: list[int]) -> Iterator[Any]:
     """Pass generator batches through, noting the network evaluations (and discriminator gradients) each counted."""
     for b in batches:
@@ -309,6 +315,8 @@ def run_calc(args: argparse.Namespace) -> int:
     check_reference(reference, detector, args.ref)
     # The default output name needs the detector; it is still checked before the (long) sampling starts.
     out = args.out or check_output_file(default_out(source, detector.metric, settings, count), ".json")
+    if source.kind == "model" and args.num is None and args.seeds is None:
+        _note_protocol_count(count, detector.metric)
 
     bar = progress_bar(args, count, "img", detector.metric)
     start = time.perf_counter()

@@ -58,7 +58,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9-11: one sample per seed (default: 0-63)")
     add_class_flag(p)
     p.add_argument("--out", type=Path, default=None, help="samples file, written exactly as named; must end in .npz "
-                   "(default: MODEL/samples-<solver><steps>-rho<rho>.npz)")  # fmt: skip
+                   "(default: MODEL/samples-<solver><steps>-rho<rho>.npz for a run directory or checkpoint folder, "
+                   "DIR/<name>-samples-<solver><steps>-rho<rho>.npz for a weights file DIR/<name>.safetensors or "
+                   ".pkl)")  # fmt: skip
     p.add_argument("--grid", type=Path, default=None, help="also save a .png grid (a scatter plot for 2-D data)")
     add_max_batch_flag(p, default=None)
     add_network_flags(p)
@@ -70,8 +72,12 @@ def register(sub: Any) -> None:
 
 
 def default_out(model: Path, settings: SamplerSettings) -> Path:
-    base = model if model.is_dir() else model.parent
-    return base / f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"
+    """MODEL/samples-<settings>.npz; next to a weights file, prefixed with its name, since several weights files
+    often share a folder and would otherwise overwrite each other's samples."""
+    name = f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"
+    if model.is_dir():
+        return model / name
+    return model.parent / f"{model.stem}-{name}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     # file under exactly the name they gave (and never a half-written one: write_atomic renames at the end).
     write_atomic(out, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     guided = f" + {dg_evals} discriminator gradients" if guidance is not None else ""
-    print(f"wrote {len(seeds)} samples ({nfe} network evaluations{guided} each) to {out}")
+    noun = "sample" if len(seeds) == 1 else "samples"
+    print(f"wrote {len(seeds)} {noun} ({nfe} network evaluations{guided} each) to {out}")
     if args.grid is not None:
         if is_image:
             save_image_grid(torch.cat(images), args.grid)

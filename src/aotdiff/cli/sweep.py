@@ -41,6 +41,7 @@ from aotdiff.generate import (
     parse_seeds,
     resolve_precision,
 )
+from aotdiff.metrics import load_reference
 from aotdiff.metrics.quality import DEFAULT_NUM, METRICS, default_metric, make_quality
 from aotdiff.report import plot_curvature_vs_sigma, plot_quality_vs_nfe, write_csv, write_markdown
 from aotdiff.sweep import (
@@ -94,7 +95,8 @@ def register(sub: Any) -> None:
                    "$AOTDIFF_DETECTOR or the cache folder)")  # fmt: skip
     p.add_argument("--curvature-num", type=int, default=256, help="curvature trajectories per run, seeds from the "
                    "first sweep seed on (default: 256)")  # fmt: skip
-    p.add_argument("--curvature-steps", type=int, default=256, help="Heun steps of the curvature grid (default: 256)")
+    p.add_argument("--curvature-steps", type=int, default=256, help="Heun steps of the curvature grid; the truncation "
+                   "errors of 3, 5, 9 and 18 steps are measured against it, those below it (default: 256)")  # fmt: skip
     p.add_argument("--curvature-rho", type=float, default=7.0, help="rho of the curvature grid (default: 7)")
     p.add_argument("--no-curvature", action="store_true", help="skip the curvature reports")
     add_max_batch_flag(p, default=None)
@@ -163,15 +165,17 @@ def run(args: argparse.Namespace) -> int:
     dg_args = copy.copy(args)
     dg_args.dg_weight = None  # the run's default weight; the list is the sweep's axis
     check_dg_flags(dg_args)
-    if args.ref is not None and not args.ref.is_file():
-        raise FileNotFoundError(f"reference statistics '{args.ref}' not found; create them with `aotdiff fid ref`")
+    if args.ref is not None:  # read once up front: a missing or wrong file is refused before any model is loaded
+        load_reference(args.ref)
     curvature = None
     if not args.no_curvature:
         if args.curvature_num < 1 or args.curvature_steps < 2:
             raise ValueError("--curvature-num must be positive and --curvature-steps at least 2")
         SamplerSettings(steps=args.curvature_steps, rho=args.curvature_rho, sigma_min=args.sigma_min,
                         sigma_max=args.sigma_max)  # fmt: skip
-        curvature = CurvatureSettings(args.curvature_num, args.curvature_steps, args.curvature_rho)
+        # Truncation errors are measured against the curvature grid, so only the coarser default counts are used.
+        truncation = tuple(n for n in CurvatureSettings.truncation_steps if n < args.curvature_steps)
+        curvature = CurvatureSettings(args.curvature_num, args.curvature_steps, args.curvature_rho, truncation)
     device = pick_device(args.device)
     resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before any model is loaded
     out: Path = args.out

@@ -168,6 +168,8 @@ def curvature_report(
     truncation_steps = sorted({int(n) for n in truncation_steps})
     if any(n < 1 for n in truncation_steps):
         raise ValueError(f"truncation step counts must be positive, got {truncation_steps}")
+    if any(n >= fine_steps for n in truncation_steps):  # the error is measured against the fine grid: it must be finer
+        raise ValueError(f"truncation step counts {truncation_steps} must be below fine_steps {fine_steps}")
     t_rho = rho if truncation_rho is None else truncation_rho
     fine = karras_sigmas(fine_steps, sigma_min, sigma_max, rho, device=device)
     coarse = {n: karras_sigmas(n, sigma_min, sigma_max, t_rho, device=device) for n in truncation_steps}
