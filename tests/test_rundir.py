@@ -212,6 +212,23 @@ def test_unusable_checkpoints_are_refused_not_silently_replaced(tmp_path):
     assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir() and (aside[0] / "log.jsonl").is_file()
 
 
+def test_sampling_a_run_that_has_no_checkpoint_yet_says_it_is_training(tmp_path):
+    """A run directory whose lock names a live process of this host is training: say so (not "train first");
+    a lock file left by a process that has ended changes nothing."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()} (aotdiff train)\n")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"holds no checkpoint yet: it is training \(pid \d+ on "):
+        ckpt_io.resolve_weights(run)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"pid {int(ended.stdout)} on {socket.gethostname()} (aotdiff train)\n")
+    with pytest.raises(ckpt_io.CheckpointError, match="holds no usable checkpoint; train first"):
+        ckpt_io.resolve_weights(run)
+
+
 def test_the_progress_bar_total_is_where_the_run_ends(tmp_path, capsys):
     """A duration that is not a whole number of steps ends at the next whole step (0.1 kimg at batch 64: 128 images),
     and the progress bar's total says so, not 0.1 (which read "0.1/0 kimg", 128 %)."""

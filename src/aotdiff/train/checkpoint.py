@@ -314,6 +314,14 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
                 return ckpt / name
             except CheckpointError as e:
                 warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
+        from aotdiff.train.rundir import running_holder
+
+        holder = running_holder(p)
+        if holder is not None and not list_checkpoints(p):
+            raise CheckpointError(
+                f"{p} holds no checkpoint yet: it is training ({holder}); the first is written at its first "
+                "snapshot (--snapshot-kimg), then sample it"
+            )
         raise CheckpointError(f"{p} holds no usable checkpoint; train first (aotdiff train --out {p})")
     raise CheckpointError(
         f"{p} does not exist; give a run directory, a checkpoint folder, a .safetensors file or an EDM .pkl"

@@ -119,6 +119,22 @@ class RunLock:
         self.release()
 
 
+def running_holder(run_dir: str | os.PathLike[str]) -> str | None:
+    """Who holds ``run_dir``'s lock now ("pid N on HOST (...)"), or None when no live process on this machine does.
+
+    Read from the lock file, without taking the lock (a probe could make a starting run think the directory is in
+    use): a process of this host that is still alive, under the pid the file names."""
+    try:
+        text = (Path(run_dir) / LOCK_FILE).read_text().strip()
+        pid, host = text.split()[1], text.split()[3]
+        if host != socket.gethostname():
+            return None
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (OSError, IndexError, ValueError):
+        return None
+    return text
+
+
 # ------------------------------------------------------------------------------------------------ the log
 class JsonlLog:
     """``log.jsonl``: appended one line per tick, cut back to a checkpoint on resume."""
