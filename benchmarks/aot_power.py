@@ -877,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     pc = PowerConfig(
         datasets=datasets, arms=arms, seeds=[int(s) for s in args.seeds.split(",") if s],
         num=args.num or (200 if quick else 2000), boot=args.boot or (20 if quick else 200),
-        curvature_num=args.curvature_num or (16 if quick else 128), curvature_fine_steps=16 if quick else 128,
+        curvature_num=args.curvature_num or (16 if quick else 128), curvature_fine_steps=24 if quick else 128,
         overrides=quick_overrides() if quick else {}, quick=quick,
     )  # fmt: skip
     for flags in arms.values():  # refuse a bad arm before anything trains

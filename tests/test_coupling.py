@@ -331,6 +331,8 @@ def test_pool_layout_advice_for_the_cases_users_met():
     with pytest.raises(ValueError, match=re.escape("No --batch-gpu can be: the per-device batch 128 is not a "
                                                    "multiple of 3. Use --aot-pools 1, 2 or 4, or a --batch")):  # fmt: skip
         validate_pool_size(512, 128, 3, per_device=128)
+    with pytest.raises(ValueError, match=re.escape("Use --aot-pools 1, or a --batch with a multiple of 2 per device.")):
+        validate_pool_size(512, 5, 2, per_device=5)  # one count left: no dangling "or"
     with pytest.raises(ValueError, match=re.escape("Use --batch-gpu 6 or 12.")):  # 126 and 129 do not divide 12
         validate_pool_size(512, 8, 3, per_device=12)
     with pytest.raises(ValueError, match=re.escape("would never be trained on. Use --aot-pool 387 or 516.")):

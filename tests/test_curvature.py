@@ -243,3 +243,5 @@ def test_truncation_counts_must_be_coarser_than_the_fine_grid():
         curvature_report(denoiser, (2,), range(2), fine_steps=4, truncation_steps=(3, 5))
     report = curvature_report(denoiser, (2,), range(2), fine_steps=6, truncation_steps=(3, 5))
     assert set(report["truncation_error"]) == {"3", "5"}
+    default = curvature_report(denoiser, (2,), range(2), fine_steps=6)  # the default counts: those below the grid
+    assert default["truncation_error"] == report["truncation_error"]

@@ -362,6 +362,10 @@ def test_cached_fakes_made_with_other_settings_are_regenerated_with_a_reason(toy
     assert _dg_cli(toy_run, out, *args) == 2
     err = capsys.readouterr().err
     assert "(base model " in err and "this run's checkpoints were trained on those fakes: pass --force" in err
+    assert _dg_cli(toy_run, out, *args, "--restart") == 0  # a start from scratch sets the old checkpoints aside
+    assert "generating the fakes again" in capsys.readouterr().err
+    arrays["meta"] = np.array(json.dumps({**meta, "model": meta["model"] + ".old"}))
+    np.savez(out / "fakes.npz", **arrays)
     assert _dg_cli(toy_run, out, *args, "--force") == 0
     assert "generating the fakes again (--force)" in capsys.readouterr().err
 

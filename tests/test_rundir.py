@@ -220,9 +220,22 @@ def test_sampling_a_run_that_has_no_checkpoint_yet_says_it_is_training(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     lock = run / ".lock"
-    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()} (aotdiff train)\n")
-    with pytest.raises(ckpt_io.CheckpointError, match=r"holds no checkpoint yet: it is training \(pid \d+ on "):
-        ckpt_io.resolve_weights(run)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "aotdiff", "train"])
+    try:
+        cmdline, deadline = Path(f"/proc/{trainer.pid}/cmdline"), time.monotonic() + 20
+        while cmdline.exists() and b"aotdiff" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)  # between fork and exec the child still shows pytest's command line
+        lock.write_text(f"pid {trainer.pid} on {socket.gethostname()} (aotdiff train)\n")
+        with pytest.raises(ckpt_io.CheckpointError, match=r"holds no checkpoint yet: it is training \(pid \d+ on "):
+            ckpt_io.resolve_weights(run)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    own = Path(f"/proc/{os.getpid()}/cmdline")
+    if own.exists() and b"aotdiff" not in own.read_bytes():  # a live pid reused by another program (here: pytest)
+        lock.write_text(f"pid {os.getpid()} on {socket.gethostname()} (aotdiff train)\n")
+        with pytest.raises(ckpt_io.CheckpointError, match="holds no usable checkpoint; train first"):
+            ckpt_io.resolve_weights(run)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(f"pid {int(ended.stdout)} on {socket.gethostname()} (aotdiff train)\n")
     with pytest.raises(ckpt_io.CheckpointError, match="holds no usable checkpoint; train first"):

@@ -88,7 +88,7 @@ def validate_pool_size(pool_size: int, batch: int, pools: int = 1, *, per_device
     Every step takes ``batch / pools`` consecutive rows from each pool, so ``pools`` must divide ``batch`` and
     the slice must divide ``pool_size``. (The authors' code silently trains on empty slices otherwise.) With
     ``per_device`` (the per-device batch, which ``batch`` = --batch-gpu must divide), every --batch-gpu the message
-    proposes divides it too, so following the advice cannot lead to the next error.
+    proposes divides it too, so following that advice cannot lead to the per-device error.
     """
 
     def fits(b: int) -> bool:
@@ -109,11 +109,11 @@ def validate_pool_size(pool_size: int, batch: int, pools: int = 1, *, per_device
         options = " or ".join(str(b) for b in [*below[-1:], *above[:1]])
         if options:
             raise ValueError(f"{why} Use --batch-gpu {options}.")
-        counts = [k for k in _divisors(per_device or batch) if k <= 2 * pools and k != pools][-3:]
+        counts = [k for k in _divisors(per_device or batch) if k <= 2 * pools and k != pools][-3:]  # 1 always fits
+        listed = ", ".join(map(str, counts[:-1])) + " or " if len(counts) > 1 else ""
         raise ValueError(
             f"{why} No --batch-gpu can be: the per-device batch {per_device} is not a multiple of {pools}. Use "
-            f"--aot-pools {', '.join(map(str, counts[:-1]))} or {counts[-1]}, or a --batch with a multiple of {pools} per "
-            "device."
+            f"--aot-pools {listed}{counts[-1]}, or a --batch with a multiple of {pools} per device."
         )
     part = batch // pools
     if pool_size % part == 0:

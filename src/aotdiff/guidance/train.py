@@ -339,6 +339,7 @@ class DGTrainer(RunLoop):
         cfg.validate()
         self._stream: PairedBatchStream | None = None
         self._forced = bool(kw.get("force", False))  # only to say why cached fakes are regenerated
+        self._restart = bool(kw.get("restart", False))  # a start from scratch: the old checkpoints are set aside
         super().__init__(cfg, run_dir, **kw)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -409,7 +410,7 @@ class DGTrainer(RunLoop):
             reason = stale_fakes_reason(path, made, n)
             if reason is None:
                 return read_fakes(path, self.shape)
-            if not self._forced and ckpt_io.list_checkpoints(self.run_dir):
+            if not (self._forced or self._restart) and ckpt_io.list_checkpoints(self.run_dir):
                 # e.g. the base run saved a newer checkpoint since: resuming on other fakes would not be this run.
                 raise ValueError(
                     f"{path}: {reason}, and this run's checkpoints were trained on those fakes: pass --force to "

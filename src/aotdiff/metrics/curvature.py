@@ -117,6 +117,10 @@ def _solve(
         ).images
 
 
+# Coarse Heun step counts whose truncation error is reported by default (5 to 35 NFE, where few-step samplers live).
+DEFAULT_TRUNCATION_STEPS = (3, 5, 9, 18)
+
+
 def curvature_report(
     denoiser: Denoiser,
     shape: Sequence[int],
@@ -128,7 +132,7 @@ def curvature_report(
     rho: float = 7.0,
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
-    truncation_steps: Sequence[int] = (3, 5, 9, 18),
+    truncation_steps: Sequence[int] | None = None,
     truncation_rho: float | None = None,
     truncation_solver: str = "heun",
     num_bands: int = 8,
@@ -146,7 +150,8 @@ def curvature_report(
             ``aotdiff.generate`` draws them, so trajectory k is sample k of ``aotdiff sample`` with the same seeds.
         num_classes, class_label: as in ``aotdiff.generate.generate`` (0 = unconditional).
         fine_steps, rho: the fine Heun grid of the reference trajectories.
-        truncation_steps: step counts N of the coarse samplers to compare with the fine solution.
+        truncation_steps: step counts N of the coarse samplers to compare with the fine solution, each below
+            ``fine_steps`` (default: those of 3, 5, 9, 18 below it).
         truncation_rho, truncation_solver: their schedule (default: the same rho) and solver.
         num_bands: number of log-spaced sigma bands in the curvature profile.
         batch_size: trajectories solved at once.
@@ -165,6 +170,8 @@ def curvature_report(
         raise ValueError("seeds is empty: give at least one seed (e.g. 0-63)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if truncation_steps is None:
+        truncation_steps = [n for n in DEFAULT_TRUNCATION_STEPS if n < fine_steps]
     truncation_steps = sorted({int(n) for n in truncation_steps})
     if any(n < 1 for n in truncation_steps):
         raise ValueError(f"truncation step counts must be positive, got {truncation_steps}")

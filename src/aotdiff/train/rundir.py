@@ -123,13 +123,17 @@ def running_holder(run_dir: str | os.PathLike[str]) -> str | None:
     """Who holds ``run_dir``'s lock now ("pid N on HOST (...)"), or None when no live process on this machine does.
 
     Read from the lock file, without taking the lock (a probe could make a starting run think the directory is in
-    use): a process of this host that is still alive, under the pid the file names."""
+    use): a process of this host that is still alive, under the pid the file names, and (where /proc shows it) an
+    aotdiff process, since the file outlives its run and pids are reused."""
     try:
         text = (Path(run_dir) / LOCK_FILE).read_text().strip()
         pid, host = text.split()[1], text.split()[3]
         if host != socket.gethostname():
             return None
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        cmdline = Path(f"/proc/{int(pid)}/cmdline")
+        if cmdline.exists() and b"aotdiff" not in cmdline.read_bytes():
+            return None
     except (OSError, IndexError, ValueError):
         return None
     return text

@@ -280,6 +280,8 @@ class RunLoop:
         try:
             self.load_weights(ckpt.model, ckpt.ema)
         except (ckpt_io.WeightsMismatchError, RuntimeError) as e:
+            if isinstance(e, ckpt_io.CheckpointError):  # a checkpoint problem of its own, already said plainly
+                raise
             # Reached with --force (otherwise the config check refuses first): new settings that change the network.
             detail = str(e) if isinstance(e, ckpt_io.WeightsMismatchError) else str(e).splitlines()[0]
             raise ConfigMismatchError(
