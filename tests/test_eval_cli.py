@@ -999,14 +999,26 @@ def test_curvature_takes_seeds_or_num_not_both(no_loading, toy_run, capsys):
 
 
 def test_curvature_refuses_truncation_counts_not_below_the_fine_grid(no_loading, toy_run, capsys):
-    """A 9- or 18-step 'truncation error' measured against a 4-step reference is no truncation error at all."""
-    assert main(["curvature", str(toy_run), "--steps", "4", "--device", "cpu"]) == 2
+    """A 9- or 18-step 'truncation error' measured against a 4-step reference is no truncation error at all: counts
+    the user gives are refused (the default counts are those below the fine grid, see the next test)."""
+    assert main(["curvature", str(toy_run), "--steps", "4", "--truncation-steps", "3,5,9,18", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
         "aotdiff curvature: error: --truncation-steps 5,9,18 are not below --steps 4, the fine reference grid the "
         "truncation error is measured against; raise --steps above 18 or give --truncation-steps counts below 4\n"
     )
     assert main(["curvature", str(toy_run), "--steps", "8", "--truncation-steps", "2,8", "--device", "cpu"]) == 2
     assert "error: --truncation-steps 8 is not below --steps 8," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps, counts", [(4, ["3"]), (8, ["3", "5"]), (3, ["1", "2"]), (2, ["1"])])
+def test_curvature_default_truncation_counts_are_those_below_the_fine_grid(steps, counts, toy_run, tmp_path):
+    """`aotdiff curvature RUN --num N --steps N --out F` works for any fine grid (issue 5's interface): the default
+    counts 3, 5, 9, 18 are cut to those below --steps (1 and 2 for the smallest grids)."""
+    out = tmp_path / "c.json"
+    assert main(["curvature", str(toy_run), "--num", "3", "--steps", str(steps), "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert list(report["truncation_error"]) == counts and {"curvature", "curvature_median"} <= report.keys()
 
 
 @pytest.mark.parametrize("command", ["fid calc {digits} --num 8", "sweep {digits} --metric fid --out {tmp}/s"])

@@ -57,8 +57,8 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", "--fine-steps", dest="steps", type=int, default=256, metavar="N", help="sampler steps N "
                    "of the fine reference grid: Heun, 2N-1 network evaluations per trajectory (default: 256)")  # fmt: skip
     p.add_argument("--rho", type=float, default=7.0, help="schedule exponent of the fine grid (default: 7)")
-    p.add_argument("--truncation-steps", default="3,5,9,18", help="step counts N of the coarse samplers compared "
-                   "with the fine solution, each below --steps (default: 3,5,9,18)")  # fmt: skip
+    p.add_argument("--truncation-steps", default=None, help="step counts N of the coarse samplers compared "
+                   "with the fine solution, each below --steps (default: those of 3,5,9,18 below --steps)")  # fmt: skip
     p.add_argument("--truncation-rho", type=float, default=None, help="their schedule exponent (default: --rho)")
     p.add_argument(
         "--truncation-solver", choices=("heun", "euler"), default="heun", help="their solver (default: heun)"
@@ -122,11 +122,15 @@ def _check_truncation_below_fine(truncation: list[int], fine_steps: int) -> None
 
 def run(args: argparse.Namespace) -> int:
     from aotdiff.metrics import curvature_report
+    from aotdiff.metrics.curvature import default_truncation_steps
     from aotdiff.train.checkpoint import load_model
     from aotdiff.train.distributed import pick_device
 
     # Every number is checked before the model is loaded: the fine grid and each coarse grid are sampler settings.
-    truncation = parse_int_list(args.truncation_steps, "--truncation-steps")
+    if args.truncation_steps is None:  # the defaults adapt to the fine grid; counts the user gives are checked
+        truncation = default_truncation_steps(args.steps)
+    else:
+        truncation = parse_int_list(args.truncation_steps, "--truncation-steps")
     seeds = _seeds(args)
     if args.steps < 2:
         raise ValueError(f"--steps (the fine grid) must be at least 2, got {args.steps}")

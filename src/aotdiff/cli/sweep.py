@@ -42,6 +42,7 @@ from aotdiff.generate import (
     resolve_precision,
 )
 from aotdiff.metrics import load_reference
+from aotdiff.metrics.curvature import default_truncation_steps
 from aotdiff.metrics.quality import DEFAULT_NUM, METRICS, default_metric, make_quality
 from aotdiff.report import plot_curvature_vs_sigma, plot_quality_vs_nfe, write_csv, write_markdown
 from aotdiff.sweep import (
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         SamplerSettings(steps=args.curvature_steps, rho=args.curvature_rho, sigma_min=args.sigma_min,
                         sigma_max=args.sigma_max)  # fmt: skip
         # Truncation errors are measured against the curvature grid, so only the coarser default counts are used.
-        truncation = tuple(n for n in CurvatureSettings.truncation_steps if n < args.curvature_steps)
+        truncation = tuple(default_truncation_steps(args.curvature_steps))
         curvature = CurvatureSettings(args.curvature_num, args.curvature_steps, args.curvature_rho, truncation)
     device = pick_device(args.device)
     resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before any model is loaded

@@ -121,6 +121,13 @@ def _solve(
 DEFAULT_TRUNCATION_STEPS = (3, 5, 9, 18)
 
 
+def default_truncation_steps(fine_steps: int) -> list[int]:
+    """The default coarse step counts for a fine grid of ``fine_steps``: those of 3, 5, 9, 18 below it (a count at or
+    above the fine grid would be measured against a reference no finer than itself), or 1 and 2 for a grid of 2-3."""
+    counts = [n for n in DEFAULT_TRUNCATION_STEPS if n < fine_steps]
+    return counts or [n for n in (1, 2) if n < fine_steps]
+
+
 def curvature_report(
     denoiser: Denoiser,
     shape: Sequence[int],
@@ -151,7 +158,7 @@ def curvature_report(
         num_classes, class_label: as in ``aotdiff.generate.generate`` (0 = unconditional).
         fine_steps, rho: the fine Heun grid of the reference trajectories.
         truncation_steps: step counts N of the coarse samplers to compare with the fine solution, each below
-            ``fine_steps`` (default: those of 3, 5, 9, 18 below it).
+            ``fine_steps`` (default: :func:`default_truncation_steps`).
         truncation_rho, truncation_solver: their schedule (default: the same rho) and solver.
         num_bands: number of log-spaced sigma bands in the curvature profile.
         batch_size: trajectories solved at once.
@@ -171,7 +178,7 @@ def curvature_report(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if truncation_steps is None:
-        truncation_steps = [n for n in DEFAULT_TRUNCATION_STEPS if n < fine_steps]
+        truncation_steps = default_truncation_steps(fine_steps)
     truncation_steps = sorted({int(n) for n in truncation_steps})
     if any(n < 1 for n in truncation_steps):
         raise ValueError(f"truncation step counts must be positive, got {truncation_steps}")
