@@ -339,6 +339,23 @@ def test_pool_layout_advice_for_the_cases_users_met():
         validate_pool_size(512, 129, per_device=129)  # 129 = 3 x 43: no useful --batch-gpu divides 512
 
 
+def test_what_python_users_pass_is_read_as_meant():
+    """An integer label column [N, 1] holds class indices (its argmax put every row in class 0 and paired across
+    classes); inputs that require grad are paired (the permutation needs none); uint8 pixels are refused by
+    TensorSource rather than paired with N(0, 1) noise."""
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)
+    labels = torch.arange(64) % 4
+    coupler = HungarianCoupling(classwise=True)
+    perm_column, _ = coupler.assign(x, z, labels[:, None])
+    perm_flat, _ = coupler.assign(x, z, labels)
+    assert (labels[perm_column] == labels).all() and np.array_equal(perm_column, perm_flat)
+    paired = HungarianCoupling().pair(x.clone().requires_grad_(), z)
+    assert torch.equal(paired, HungarianCoupling().pair(x, z))
+    with pytest.raises(ValueError, match=r"images: expected a floating-point torch tensor .* got torch.uint8"):
+        TensorSource(torch.zeros(8, 1, 4, 4, dtype=torch.uint8))
+
+
 # ------------------------------------------------------------------------------------------- streams
 class RecordingSource(TensorSource):
     """TensorSource that remembers every draw (to recompute the expected pairing independently)."""

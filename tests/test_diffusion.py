@@ -152,6 +152,9 @@ def test_class_labels_become_one_hot_and_are_checked():
     d = Precond(net, label_dim=4)
     d(torch.zeros(2, 1, 2, 2), torch.ones(2), torch.tensor([1, 3]))
     torch.testing.assert_close(net.calls[0][2], torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 1]]))
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):  # every integer dtype is class indices
+        d(torch.zeros(2, 1, 2, 2), torch.ones(2), torch.tensor([1, 3], dtype=dtype))
+        torch.testing.assert_close(net.calls[-1][2], net.calls[0][2])
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\]"):
         d(torch.zeros(1, 1, 2, 2), torch.ones(1), torch.tensor([4]))
     with pytest.raises(ValueError, match="class-conditional"):

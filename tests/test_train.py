@@ -275,6 +275,26 @@ def test_a_dataset_that_does_not_fit_the_preset_is_refused(tmp_path):
         Trainer(tiny(), tmp_path / "run", dataset=load_dataset("digits"), progress=False)
 
 
+def test_an_in_memory_dataset_is_recorded_by_its_name_and_resuming_on_another_is_refused(tmp_path):
+    """A run on the user's own points must not claim the preset's dataset (sweep would score it against 8 Gaussians),
+    and a run directory does not resume silently on other data; a plain array is refused with what to pass."""
+    from aotdiff.data import ToyDataset
+    from aotdiff.train.loop import Trainer
+    from aotdiff.train.rundir import RunDirectoryError
+
+    points = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+    cfg = tiny(duration_kimg=0.064)
+    with Trainer(cfg, tmp_path / "run", dataset=ToyDataset(points, None, "mymoons"), progress=False) as t:
+        t.run()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == "mymoons"
+    model = ckpt_io.load_model(tmp_path / "run")
+    assert model.config["data"] == "mymoons"
+    with pytest.raises(RunDirectoryError, match="data"):
+        Trainer(cfg, tmp_path / "run", dataset=ToyDataset(points, None, "other"), progress=False)
+    with pytest.raises(TypeError, match="expected an aotdiff.data.ImageDataset .* or ToyDataset .*got ndarray"):
+        Trainer(cfg, tmp_path / "array", dataset=points, progress=False)
+
+
 @pytest.mark.parametrize("name", ["cifar10-uncond", "cifar10-cond", "edm-cifar10-uncond"])
 def test_cifar10_presets_carry_the_published_training_hyperparameters(name):
     """EDM's CIFAR-10 recipe (Karras et al. 2022, Table 7; kept by the AOT code): Adam lr 1e-3 reached over a 10 Mimg

@@ -104,7 +104,7 @@ class Precond(nn.Module):
                 f"this model is class-conditional ({self.label_dim} classes): pass class labels "
                 "(e.g. `--class K` on the command line, or labels=... in Python)"
             )
-        if labels.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if labels.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.label_dim):
                 raise ValueError(
                     f"class labels must lie in [0, {self.label_dim - 1}], got range "

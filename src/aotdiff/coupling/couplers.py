@@ -89,9 +89,11 @@ class Coupler(Protocol):
 
 
 def class_ids(labels: torch.Tensor | None, n: int) -> np.ndarray | None:
-    """Class index per row as int64 numpy, from int class indices [N] or one-hot / soft [N, K] (argmax).
+    """Class index per row as int64 numpy, from int class indices [N] (or a column [N, 1]) or one-hot / soft [N, K]
+    (argmax).
 
-    ``None`` and EDM's unconditional convention (a [N, 0] label tensor) give None.
+    ``None`` and EDM's unconditional convention (a [N, 0] label tensor) give None. An integer column [N, 1] holds
+    indices, not a one-hot of one class: its argmax would put every row in class 0 and silently pair across classes.
     """
     if labels is None:
         return None
@@ -99,6 +101,8 @@ def class_ids(labels: torch.Tensor | None, n: int) -> np.ndarray | None:
         return None
     if labels.shape[0] != n:
         raise ValueError(f"labels: {labels.shape[0]} rows for {n} images; give one label per image")
+    if labels.ndim == 2 and labels.shape[1] == 1 and not labels.dtype.is_floating_point:
+        labels = labels[:, 0]
     if labels.ndim == 1:
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(
@@ -257,7 +261,8 @@ class HungarianCoupling:
         """Solve the assignment; rows pair only within the same block and (if class-wise) the same class."""
         _check_pair_inputs(images, noise)
         n = images.shape[0]
-        x, z = images.flatten(1), noise.flatten(1)
+        # The permutation needs no gradient: inputs that require one (e.g. encoder outputs) are read, not traced.
+        x, z = images.detach().flatten(1), noise.detach().flatten(1)
         classes = class_ids(labels, n) if self.classwise else None
         if blocks is not None and len(blocks) != n:
             raise ValueError(f"blocks: {len(blocks)} entries for {n} images")

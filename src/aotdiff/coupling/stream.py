@@ -454,7 +454,8 @@ class PairedBatchStream:
 
 
 class TensorSource:
-    """A :class:`PoolSource` over in-memory tensors (toys, tests, benchmarks).
+    """A :class:`PoolSource` over in-memory tensors (toys, tests, benchmarks): floating-point rows in the model's
+    space (images in [-1, 1], like the noise they are paired with; uint8 pixels are refused), labels optional.
 
     Rows are drawn without replacement in seeded shuffled epochs (like EDM's InfiniteSampler) and noise comes from
     a second generator, so a pool is a pure function of (seed, position). No augmentation.
@@ -470,6 +471,12 @@ class TensorSource:
     ) -> None:
         if labels is not None and labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels: {labels.shape[0]} rows for {images.shape[0]} images")
+        if not torch.is_tensor(images) or not images.dtype.is_floating_point:
+            got = images.dtype if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(
+                f"images: expected a floating-point torch tensor in the model's space (e.g. uint8 pixels as "
+                f"x / 127.5 - 1), got {got}; OT would otherwise pair 0..255 pixels with N(0, 1) noise"
+            )
         self.images, self.labels = images, labels
         self.device = torch.device(device) if device is not None else images.device
         self._order_gen = torch.Generator().manual_seed(2 * seed)

@@ -11,6 +11,7 @@ global torch generators whose states are checkpointed, so an interrupted-and-res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -314,8 +315,18 @@ class Trainer(RunLoop):
     def __init__(
         self, cfg: TrainConfig, run_dir: str | Path, *, dataset: ImageDataset | ToyDataset | None = None, **kw: Any
     ):
-        """``dataset`` replaces loading ``cfg.data`` (an in-memory dataset from Python; checked the same way); the
-        other keywords are :class:`RunLoop`'s."""
+        """``dataset`` replaces loading ``cfg.data`` (an in-memory :class:`ImageDataset` or :class:`ToyDataset` from
+        Python; checked the same way), and its ``name`` is recorded as ``data`` in config.json and the checkpoints,
+        so a run never claims the preset's dataset (which `sweep` would score against) and resuming it on other data
+        is refused like any changed setting. The other keywords are :class:`RunLoop`'s."""
+        if dataset is not None:
+            if not isinstance(dataset, ImageDataset | ToyDataset):
+                raise TypeError(
+                    f"dataset: expected an aotdiff.data.ImageDataset (uint8 images [N, C, H, W]) or ToyDataset "
+                    f"(2-D points), got {type(dataset).__name__}; wrap arrays in one of them"
+                )
+            if dataset.name and dataset.name != cfg.data:
+                cfg = dataclasses.replace(cfg, data=dataset.name)
         validate(cfg, need_data=dataset is None)
         self._stream: PairedBatchStream | None = None
         self._dataset = dataset
