@@ -290,13 +290,17 @@ def test_sweep_command_takes_the_sampling_flags_of_sample(toy_run, tmp_path, cap
     saved = json.loads((out / "sweep.json").read_text())
     row = saved["rows"][0]
     assert row["num"] == 21 and saved["settings"]["sampler"]["churn"] == 4.0
-    # the same cell computed directly: these seeds, this churn (batch size does not change the samples)
+    # the same cell computed directly: these seeds, this churn, batches of 7 (another batch size changes the float32
+    # network's output in the last bits, ~1e-10 relative in the score, so the comparison would need a looser tolerance)
     model = load_model(toy_run)
     settings = SamplerSettings(steps=3, rho=7.0, churn=4.0, s_noise=1.1, s_max=50.0)
     seeds = [*range(5, 25), 40]
-    points = torch.cat([b.raw for b in generate(model.denoiser, seeds, model.shape, settings=settings)])
+    batches = generate(model.denoiser, seeds, model.shape, settings=settings, batch_size=7)
+    points = torch.cat([b.raw for b in batches])
     reference = toy_reference("toy:8gaussians", 21, 1_000_003)
-    assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-12)
+    # rel 1e-9: the CLI may run the network on another thread count (float32 sums in another order); a wrong seed,
+    # churn or weights file moves the score by more than 1e-3
+    assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-9)
     plain = torch.cat([b.raw for b in generate(model.denoiser, seeds, model.shape, settings=SamplerSettings(steps=3))])
     assert not torch.allclose(plain, points)  # churn changed the samples
 
@@ -317,7 +321,7 @@ def test_sweep_command_raw_scores_the_live_weights_and_records_which(toy_run, tm
         points = torch.cat([b.raw for b in generate(model.denoiser, range(30), model.shape,
                                                     settings=SamplerSettings(steps=3))])  # fmt: skip
         reference = toy_reference("toy:8gaussians", 30, 1_000_003)
-        assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-12)
+        assert row["value"] == pytest.approx(sliced_wasserstein2(points.numpy(), reference), rel=1e-9)
         values[ema] = row["value"]
     assert values[True] != values[False]  # the two weight sets differ, so the test can tell them apart
 
