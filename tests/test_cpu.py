@@ -110,3 +110,27 @@ def test_cpu_times_count_idle_and_iowait_as_not_busy(monkeypatch):
     monkeypatch.setattr(cpu.time, "sleep", lambda s: None)
     monkeypatch.setattr(cpu.os, "cpu_count", lambda: 6)
     assert cpu.machine_load(0.5) == pytest.approx(80.0 / 150.0 * 6)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sample", "RUN"], ["fid", "ref", "--data", "DATA", "--out", "r.npz"], ["fid", "calc", "RUN", "--ref", "r.npz"],
+     ["curvature", "RUN"], ["sweep", "RUN"], ["convert", "IN.pkl", "--out", "o.safetensors"],
+     ["bench", "sample"], ["bench", "train"]],
+)  # fmt: skip
+def test_every_command_that_runs_a_network_takes_threads_and_main_applies_it(argv, monkeypatch):
+    """`--threads N` sets torch's intra-op threads before the command runs (0 = the automatic choice)."""
+    from aotdiff.cli import build_parser, main
+
+    parser = build_parser(argv)
+    assert parser.parse_args([*argv, "--threads", "3"]).threads == 3
+    assert parser.parse_args(argv).threads == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--threads", "-1"])
+    if argv[0] == "bench":
+        return  # it applies --threads in its own setup, with the config (tests/test_cli.py, test_benchmarks.py)
+    asked = []
+    monkeypatch.setattr(cpu, "configure_threads", lambda n=0: asked.append(n) or max(n, 1))
+    for n in (0, 1, 2):
+        main([*argv, "--threads", str(n)])  # the inputs do not exist: the command fails after the threads are set
+    assert asked == [0, 1, 2]

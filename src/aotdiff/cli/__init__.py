@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from aotdiff.train.checkpoint import CheckpointError
     from aotdiff.train.runloop import CheckpointWriteError
 
-    if args.command not in ("train", "dg", "bench"):  # those take --threads and choose in their own setup
+    if args.command not in ("train", "dg", "bench"):  # those choose in their own setup (train: from its config)
         from aotdiff.cpu import configure_threads
 
-        configure_threads(0)
+        configure_threads(getattr(args, "threads", 0))
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from aotdiff.cli.common import (
     add_network_flags,
     add_renamed_flag,
     add_steps_flag,
+    add_threads_flag,
     check_positive,
 )
 from aotdiff.train.config import PRESETS, preset_config
@@ -57,8 +58,7 @@ def register(sub: Any) -> None:
     t.add_argument("--iters", type=int, default=10, help="timed optimizer steps per round, after 3 warm-up steps "
                    "(default: 10)")  # fmt: skip
     t.add_argument("--rounds", type=int, default=3, help="rounds of trainer steps then bare steps (default: 3)")
-    t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = chosen from the cores and the load, "
-                   "as in `aotdiff train`)")  # fmt: skip
+    add_threads_flag(t)
     add_renamed_flag(t, "--steps", "--iters N (timed optimizer steps)", "--steps means sampler steps")
     add_device_flag(t)
     t.add_argument("--json", action="store_true", help="print JSON instead of a table row")
@@ -71,6 +71,7 @@ def register(sub: Any) -> None:
     add_max_batch_flag(s, default=64)
     add_network_flags(s)
     add_device_flag(s)
+    add_threads_flag(s)
     s.add_argument("--json", action="store_true", help="print JSON (the default and only format for sample)")
     s.set_defaults(run=run)
 
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         check_positive(args.steps, "--steps")
         check_positive(args.max_batch, "--max-batch")
         cfg = preset_config(args.preset, **synthetic)
-        configure_threads(0)
+        configure_threads(args.threads)
         device = pick_device(args.device)
         speed = sample_speed(
             cfg, device, batch=args.max_batch, num_steps=args.steps, precision=args.precision, compile=args.compile

@@ -47,6 +47,26 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=str, default="auto", metavar=DEVICE_METAVAR, help=f"{DEVICE_HELP} (default: auto)")
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count: give 0 (automatic) or a positive number")
+    return value
+
+
+THREADS_HELP = ("CPU threads for torch (0 = chosen from the cores and the load at start: all cores of an idle machine, "
+                "fewer beside other busy jobs; OMP_NUM_THREADS also chooses) (default: 0)")  # fmt: skip
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads N`` (0 = :func:`aotdiff.cpu.configure_threads`' automatic choice); ``aotdiff.cli.main`` applies it
+    before the command runs."""
+    p.add_argument("--threads", type=_threads, default=0, metavar="N", help=THREADS_HELP)
+
+
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     """``--no-progress``: read by :func:`progress_bar`."""
     p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)

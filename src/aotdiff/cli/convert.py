@@ -11,6 +11,7 @@ from aotdiff.cli import UserError
 from aotdiff.cli.common import (
     add_device_flag,
     add_progress_flag,
+    add_threads_flag,
     check_model_path,
     check_output_file,
     write_atomic,
@@ -40,6 +41,7 @@ def register(sub: Any) -> None:
     p.add_argument("--which", choices=("ema", "net"), default="ema",
                    help="the network to convert: the EMA (default; EDM snapshots hold only this) or the raw one")  # fmt: skip
     add_device_flag(p)  # where the converted network is test-run once before it is written
+    add_threads_flag(p)
     add_progress_flag(p)  # accepted like every command's; conversion shows no progress bar
     p.set_defaults(run=run)
 

@@ -22,6 +22,7 @@ from aotdiff.cli.common import (
     add_progress_flag,
     add_raw_flag,
     add_sigma_range_flags,
+    add_threads_flag,
     check_class_index,
     check_dg_flags,
     check_model_path,
@@ -70,6 +71,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="report .json; the plot goes next to it as .png "
                    "(default: MODEL/curvature-rho<R>-n<N>.json)")  # fmt: skip
     add_device_flag(p)
+    add_threads_flag(p)
     add_progress_flag(p)
     add_raw_flag(p)
     add_dg_flags(p)

@@ -32,6 +32,7 @@ from aotdiff.cli.common import (
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
+    add_threads_flag,
     check_class_index,
     check_dg_flags,
     check_output_file,
@@ -73,6 +74,7 @@ def register(sub: Any) -> None:
     _add_detector_flags(r)
     add_max_batch_flag(r)
     add_device_flag(r)
+    add_threads_flag(r)
     add_progress_flag(r)
     r.set_defaults(run=run_ref)
 
@@ -99,6 +101,7 @@ def register(sub: Any) -> None:
     _add_detector_flags(c)
     c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source)")
     add_device_flag(c)
+    add_threads_flag(c)
     add_progress_flag(c)
     add_raw_flag(c)
     c.set_defaults(run=run_calc)

@@ -20,6 +20,7 @@ from aotdiff.cli.common import (
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
+    add_threads_flag,
     check_class_index,
     check_dg_flags,
     check_model_path,
@@ -65,6 +66,7 @@ def register(sub: Any) -> None:
     add_max_batch_flag(p, default=None)
     add_network_flags(p)
     add_device_flag(p)
+    add_threads_flag(p)
     add_progress_flag(p)
     add_raw_flag(p)
     add_dg_flags(p)

@@ -25,6 +25,7 @@ from aotdiff.cli.common import (
     add_progress_flag,
     add_raw_flag,
     add_sampler_flags,
+    add_threads_flag,
     check_dg_flags,
     check_positive,
     check_writable_folder,
@@ -104,6 +105,7 @@ def register(sub: Any) -> None:
     add_network_flags(p)
     p.add_argument("--out", type=Path, default=Path("sweep"), help="output folder (default: ./sweep)")
     add_device_flag(p)
+    add_threads_flag(p)
     add_progress_flag(p)
     add_raw_flag(p)
     add_dg_flags(p)
