@@ -206,3 +206,23 @@ def test_default_run_directories_are_named_after_the_preset_and_the_run(tmp_path
     assert main(["dg", "train", str(run), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith(f"run directory: {tmp_path / 'toy-dg'}\n")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "toy-dg").exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "sweep", "fid"])
+def test_stochastic_sampler_flags_without_churn_get_a_note_not_silence(command, tmp_path, capsys):
+    """--s-noise / --s-min / --s-max shape only EDM's stochastic sampler: with --churn 0 they do nothing, and the user
+    is told so (a note: the command still runs); with --churn they are used silently."""
+    from aotdiff.cli import build_parser
+    from aotdiff.cli.common import note_unused_churn_flags
+
+    head = ["fid", "calc"] if command == "fid" else [command]
+    argv = [*head, str(tmp_path / "missing"), *(["--ref", "r.npz"] if command == "fid" else [])]
+    parser = build_parser(argv)
+    note = note_unused_churn_flags(parser.parse_args([*argv, "--s-noise", "1.007", "--s-max", "50"]))
+    assert "--s-max, --s-noise only shape the stochastic sampler" in note and "--churn" in note
+    assert "--s-min only shapes" in note_unused_churn_flags(parser.parse_args([*argv, "--s-min", "0.05"]))
+    assert note_unused_churn_flags(parser.parse_args([*argv, "--s-noise", "1.007", "--churn", "10"])) == ""
+    assert note_unused_churn_flags(parser.parse_args(argv)) == ""
+    capsys.readouterr()
+    main([*argv, "--s-noise", "1.007"])  # the missing run fails after the flags are read
+    assert f"aotdiff {head[0]}: note: --s-noise only shapes the stochastic sampler" in capsys.readouterr().err

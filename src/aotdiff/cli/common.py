@@ -130,11 +130,12 @@ def add_churn_flags(p: argparse.ArgumentParser) -> None:
     """EDM's stochastic sampler: ``--churn``, ``--s-min``, ``--s-max``, ``--s-noise``."""
     p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn: noise re-injected per step; 0 = the "
                    "deterministic ODE that AOT uses (default: 0)")  # fmt: skip
-    p.add_argument("--s-min", type=float, default=0.0, help="churn only where sigma >= this (EDM S_tmin; default: 0)")
-    p.add_argument("--s-max", type=float, default=float("inf"), help="churn only where sigma <= this (EDM S_tmax; "
-                   "default: inf)")  # fmt: skip
-    p.add_argument("--s-noise", type=float, default=1.0, help="EDM S_noise: scale of the re-injected noise "
-                   "(default: 1)")  # fmt: skip
+    p.add_argument("--s-min", type=float, default=0.0, help="with --churn: churn only where sigma >= this (EDM "
+                   "S_tmin; default: 0)")  # fmt: skip
+    p.add_argument("--s-max", type=float, default=float("inf"), help="with --churn: churn only where sigma <= this "
+                   "(EDM S_tmax; default: inf)")  # fmt: skip
+    p.add_argument("--s-noise", type=float, default=1.0, help="with --churn: EDM S_noise, scale of the re-injected "
+                   "noise (default: 1)")  # fmt: skip
 
 
 def add_sampler_flags(p: argparse.ArgumentParser, *, steps: bool = True, rho: bool = True, solver: bool = True) -> None:
@@ -240,12 +241,29 @@ def add_raw_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
 
 
+def note_unused_churn_flags(args: argparse.Namespace) -> str:
+    """A note on stderr (returned too) when ``--s-min/--s-max/--s-noise`` were changed but ``--churn`` is 0: they
+    shape EDM's stochastic sampler only, so the deterministic ODE the user gets ignores them. A note, not an error:
+    a script sweeping --churn down to 0 keeps the other flags on its command line."""
+    defaults = {"s_min": 0.0, "s_max": math.inf, "s_noise": 1.0}
+    changed = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k, v) != v]
+    if getattr(args, "churn", 0.0) != 0.0 or not changed:
+        return ""
+    verb, them = ("shapes", "it") if len(changed) == 1 else ("shape", "them")
+    note = (f"aotdiff {args.command}: note: {', '.join(changed)} only {verb} the stochastic sampler, which --churn 0 "
+            f"(the default) turns off; the deterministic ODE ignores {them} (add --churn S to re-inject noise)")  # fmt: skip
+    print(note, file=sys.stderr)
+    return note
+
+
 def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
     """The sampler settings of the flags; refuses NaN, inf and out-of-range values (ValueError, one line)."""
-    return SamplerSettings(
+    settings = SamplerSettings(
         steps=args.steps, rho=args.rho, solver=args.solver, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
     )  # fmt: skip
+    note_unused_churn_flags(args)  # after the checks: a value that is refused gets its error alone
+    return settings
 
 
 # ------------------------------------------------------------------------------------------------ run-time helpers

@@ -31,6 +31,7 @@ from aotdiff.cli.common import (
     check_writable_folder,
     guidance_from_args,
     guidance_meta,
+    note_unused_churn_flags,
     progress_bar,
 )
 from aotdiff.generate import (
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         sigma_min=args.sigma_min, sigma_max=args.sigma_max, churn=args.churn, s_min=args.s_min, s_max=args.s_max,
         s_noise=args.s_noise,
     )  # fmt: skip
+    note_unused_churn_flags(args)
     if args.metric != "auto" and args.metric not in METRICS:
         raise ValueError(f"unknown --metric '{args.metric}'; choose one of: auto, {', '.join(METRICS)}")
     if args.seeds is not None and args.num is not None:
