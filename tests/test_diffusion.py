@@ -104,6 +104,22 @@ def test_loss_passes_the_augmentation_labels_to_the_network():
     torch.testing.assert_close(net.calls[-1][3], aug, rtol=0, atol=0)
 
 
+def test_loss_takes_a_plain_two_argument_denoiser_and_one_sigma_for_all():
+    """D(x, sigma) without label arguments, and a number for sigma: for the exact Gaussian denoiser the loss is
+    lambda(sigma) (x s^2 / (s^2 + sigma^2) - y)^2 with x = y + sigma n, computed here by hand."""
+    std, sig = 0.5, 0.7
+    y = std * torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    n = torch.randn_like(y)
+    x = y + sig * n
+    expected = loss_weight(torch.tensor(sig, dtype=torch.float64)) * (x * std**2 / (std**2 + sig**2) - y) ** 2
+    f64 = torch.float64
+    for sigma in (sig, torch.tensor(sig, dtype=f64), torch.tensor([sig], dtype=f64), torch.full((6,), sig, dtype=f64)):
+        loss = edm_loss(lambda x, s: gaussian_denoiser(x, s, std), y, n, sigma)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="sigma has 4 values for a batch of 6"):
+        edm_loss(lambda x, s: x, y, n, torch.ones(4))
+
+
 def test_loss_weight_follows_the_denoisers_sigma_data():
     """With sigma_data = 0.7 the weight is (sigma^2 + 0.49) / (0.7 sigma)^2 = 1 / c_out^2 at 0.7, not EDM's 0.5."""
     d = Precond(ConstantNet(0.0), sigma_data=0.7)

@@ -137,7 +137,7 @@ def edm_loss(
     denoiser: Callable[..., torch.Tensor],
     images: torch.Tensor,
     noise: torch.Tensor,
-    sigma: torch.Tensor,
+    sigma: torch.Tensor | float,
     labels: torch.Tensor | None = None,
     augment_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -145,14 +145,28 @@ def edm_loss(
 
     ``noise`` is a unit-variance tensor shaped like ``images`` and is **an input**: under AOT it is the noise that the
     optimal-transport assignment paired with each image; under standard training it is i.i.d. Gaussian. ``sigma`` is
-    one noise level per sample, [B]. EDM (and the AOT code) sum this over elements and divide by the per-device batch;
-    see :func:`aotdiff.train.loop` for the reduction.
+    one noise level per sample, [B] (or one for all: a number or a one-element tensor). EDM (and the AOT code) sum
+    this over elements and divide by the per-device batch; see :func:`aotdiff.train.loop` for the reduction.
+
+    The denoiser is called as ``denoiser(x, sigma)``, with ``labels`` and then ``augment_labels`` appended only when
+    given, so a plain ``D(x, sigma)`` (an analytic denoiser) works as well as :class:`Precond`.
     """
     if noise.shape != images.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal images shape {tuple(images.shape)}")
+    sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device)
+    if sigma.numel() == 1:
+        sigma = sigma.reshape(1).expand(images.shape[0])
+    elif sigma.numel() != images.shape[0]:
+        raise ValueError(f"sigma has {sigma.numel()} values for a batch of {images.shape[0]}: give one per sample "
+                         "or one for all")  # fmt: skip
     sigma = sigma.reshape(images.shape[0])
     s = _expand_like(sigma, images)
-    denoised = denoiser(images + s * noise, sigma, labels, augment_labels)
+    extra: tuple[torch.Tensor | None, ...] = ()
+    if augment_labels is not None:
+        extra = (labels, augment_labels)
+    elif labels is not None:
+        extra = (labels,)
+    denoised = denoiser(images + s * noise, sigma, *extra)
     weight = _expand_like(loss_weight(sigma, getattr(denoiser, "sigma_data", SIGMA_DATA)), images)
     return weight * (denoised - images) ** 2
 
