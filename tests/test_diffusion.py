@@ -120,6 +120,25 @@ def test_loss_takes_a_plain_two_argument_denoiser_and_one_sigma_for_all():
         edm_loss(lambda x, s: x, y, n, torch.ones(4))
 
 
+def test_loss_hands_the_denoiser_exactly_the_labels_it_was_given():
+    """Class labels alone, labels with augmentation labels, or nothing: the denoiser receives those, in that order."""
+    seen = []
+
+    def denoiser(x, s, *rest):
+        seen.append(rest)
+        return x
+
+    y = torch.randn(3, 1, 2, 2)
+    labels, aug = torch.eye(3)[[2, 0, 1]], torch.randn(3, 9)
+    edm_loss(denoiser, y, torch.randn_like(y), torch.ones(3), labels)
+    edm_loss(denoiser, y, torch.randn_like(y), torch.ones(3), labels, aug)
+    edm_loss(denoiser, y, torch.randn_like(y), torch.ones(3), None, aug)
+    edm_loss(denoiser, y, torch.randn_like(y), torch.ones(3))
+    assert [len(r) for r in seen] == [1, 2, 2, 0]
+    assert seen[0][0] is labels and seen[1][0] is labels and seen[1][1] is aug
+    assert seen[2][0] is None and seen[2][1] is aug
+
+
 def test_loss_weight_follows_the_denoisers_sigma_data():
     """With sigma_data = 0.7 the weight is (sigma^2 + 0.49) / (0.7 sigma)^2 = 1 / c_out^2 at 0.7, not EDM's 0.5."""
     d = Precond(ConstantNet(0.0), sigma_data=0.7)

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # fmt: off
 MUTANTS: list[tuple[str, str, str, str]] = [
-    ('src/aotdiff/diffusion.py', 'denoised = denoiser(images + s * noise, sigma, labels, augment_labels)', 'denoised = denoiser(images + s * noise, sigma, labels, None)', 'tests/test_diffusion.py'),
+    ('src/aotdiff/diffusion.py', 'extra = (labels, augment_labels)', 'extra = (labels, None)', 'tests/test_diffusion.py'),
+    ('src/aotdiff/diffusion.py', 'extra = (labels,)', 'extra = ()', 'tests/test_diffusion.py tests/test_nets.py'),
+    ('src/aotdiff/diffusion.py', 'sigma = sigma.reshape(1).expand(images.shape[0])', 'sigma = sigma.reshape(1)', 'tests/test_diffusion.py'),
     ('src/aotdiff/diffusion.py', 'loss_weight(sigma, getattr(denoiser, "sigma_data", SIGMA_DATA))', 'loss_weight(sigma, SIGMA_DATA)', 'tests/test_diffusion.py'),
     ('src/aotdiff/diffusion.py', 'w = torch.softmax(-d2 / (2 * sigma_t**2), dim=1)', 'w = torch.softmax(-d2 / (sigma_t**2), dim=1)', 'tests/test_diffusion.py'),
     ('src/aotdiff/sampling.py', 'gamma = min(churn / num_steps, math.sqrt(2.0) - 1.0) if churn > 0 and s_min <= t_cur <= s_max else 0.0', 'gamma = min(churn / num_steps, math.sqrt(2.0)) if churn > 0 and s_min <= t_cur <= s_max else 0.0', 'tests/test_sampling.py'),
