@@ -225,4 +225,4 @@ def test_stochastic_sampler_flags_without_churn_get_a_note_not_silence(command, 
     assert note_unused_churn_flags(parser.parse_args(argv)) == ""
     capsys.readouterr()
     main([*argv, "--s-noise", "1.007"])  # the missing run fails after the flags are read
-    assert f"aotdiff {head[0]}: note: --s-noise only shapes the stochastic sampler" in capsys.readouterr().err
+    assert f"aotdiff {' '.join(head)}: note: --s-noise only shapes the stochastic sampler" in capsys.readouterr().err

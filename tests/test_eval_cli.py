@@ -123,7 +123,7 @@ def test_fewer_than_50k_samples_are_refused_unless_num_is_given(digits_run, cach
     save_reference(ref, _stats(np.zeros(128), np.eye(128)))
     assert main(["fid", "calc", str(digits_run), "--ref", str(ref), "--seeds", "0-63", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        "aotdiff fid: error: --seeds 0-63 gives 64 samples, but the FID protocol uses 50,000: with fewer the "
+        "aotdiff fid calc: error: --seeds 0-63 gives 64 samples, but the FID protocol uses 50,000: with fewer the "
         "distance is biased upwards and not comparable with published numbers. Pass --num 64 explicitly to compute "
         "it on fewer anyway.\n"
     )
@@ -233,7 +233,7 @@ def test_curvature_command_writes_the_report_and_its_plot(toy_run, tmp_path, cap
     ("args", "message"),
     [
         (["fid", "calc", "{digits}", "--ref", "{tmp}/missing.npz", "--num", "8"],
-         "aotdiff fid: error: reference statistics '{tmp}/missing.npz' not found; create them with `aotdiff fid ref`"),
+         "aotdiff fid calc: error: reference statistics '{tmp}/missing.npz' not found; create them with `aotdiff fid ref`"),
         (["sweep", "{toy}", "--metric", "kid"],
          "aotdiff sweep: error: unknown --metric 'kid'; choose one of: auto, fd, fid, w2"),
         (["sweep", "{toy}", "--ref", "{tmp}/missing.npz"],
@@ -246,10 +246,10 @@ def test_curvature_command_writes_the_report_and_its_plot(toy_run, tmp_path, cap
         (["sweep", "{toy}", "--steps", "3,x"],
          "aotdiff sweep: error: --steps must be comma-separated integers like 3,5,8; got '3,x'"),
         (["fid", "ref", "--data", "toy:moons", "--out", "{tmp}/r.npz"],
-         "aotdiff fid: error: --data toy:moons holds 2-D points, not images; toy runs are scored with W2 "
+         "aotdiff fid ref: error: --data toy:moons holds 2-D points, not images; toy runs are scored with W2 "
          "(aotdiff sweep RUN --metric w2)"),
         (["fid", "calc", "{toy}", "--ref", "{tmp}/ref.npz", "--num", "8"],
-         "aotdiff fid: error: '{toy}' is a 2-D point model: score it with W2 (aotdiff sweep {toy} --metric w2)"),
+         "aotdiff fid calc: error: '{toy}' is a 2-D point model: score it with W2 (aotdiff sweep {toy} --metric w2)"),
         (["curvature", "{toy}", "--truncation-steps", "3,0"],
          "aotdiff curvature: error: --truncation-steps must list positive integers like 3,5,8; got '3,0'"),
     ],
@@ -983,9 +983,8 @@ def test_a_dg_setting_without_dg_is_refused(command, flags, flag, no_loading, to
     extra = {"fid calc": ["--ref", str(tmp_path / "ref.npz"), "--num", "8"], "sweep": ["--out", str(tmp_path / "s")]}
     args = [*command.split(), str(toy_run), *extra.get(command, []), *flags, "--device", "cpu"]
     assert main(args) == 2
-    name = command.split()[0]
     assert capsys.readouterr().err == (
-        f"aotdiff {name}: error: {flag} needs --dg DISC: it sets Discriminator Guidance, which is off without a "
+        f"aotdiff {command}: error: {flag} needs --dg DISC: it sets Discriminator Guidance, which is off without a "
         f"discriminator; add --dg DISC or drop {flag}\n"
     )
 
@@ -1029,7 +1028,7 @@ def test_a_reference_that_is_not_an_npz_is_named_as_such(command, no_loading, di
     names = {"digits": str(digits_run), "tmp": str(tmp_path)}
     assert main([*command.format(**names).split(), "--ref", str(readme), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        f"aotdiff {command.split()[0]}: error: '{readme}' is not an .npz of reference statistics (from `aotdiff fid "
+        f"aotdiff {' '.join(command.split()[: 2 if command.startswith('fid') else 1])}: error: '{readme}' is not an .npz of reference statistics (from `aotdiff fid "
         "ref`); make one with `aotdiff fid ref --data DATA --out REF.npz` or use EDM's published reference .npz\n"
     )
 

@@ -42,6 +42,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``aotdiff fid calc``, ``aotdiff dg train``, ``aotdiff sample``: the prefix of the command's messages, as
+    argparse writes it in its own errors."""
+    words = ["aotdiff", str(args.command)]
+    sub = getattr(args, f"{args.command}_command", None)
+    return " ".join([*words, sub] if sub else words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -65,20 +73,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
-        print(f"aotdiff {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"{command_name(args)}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except CheckpointWriteError as e:
         # The machine refused a checkpoint (full disk, permissions): the input was fine, so 1, like any OSError.
-        print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {e}", file=sys.stderr)
         return 1
     except (UserError, ValueError, FileNotFoundError, CheckpointError) as e:
         # Bad input: the message names the input and the fix; a traceback would only hide it.
-        print(f"aotdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         # The machine refused (disk full, read-only, permissions): say which file and why, without a traceback.
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"aotdiff {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
 
 

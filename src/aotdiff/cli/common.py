@@ -30,7 +30,7 @@ from typing import IO, Any, NoReturn
 import torch
 from tqdm import tqdm
 
-from aotdiff.cli import UserError
+from aotdiff.cli import UserError, command_name
 from aotdiff.generate import PRECISIONS, SamplerSettings
 
 DEVICE_HELP = "where to run: auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
@@ -250,7 +250,7 @@ def note_unused_churn_flags(args: argparse.Namespace) -> str:
     if getattr(args, "churn", 0.0) != 0.0 or not changed:
         return ""
     verb, them = ("shapes", "it") if len(changed) == 1 else ("shape", "them")
-    note = (f"aotdiff {args.command}: note: {', '.join(changed)} only {verb} the stochastic sampler, which --churn 0 "
+    note = (f"{command_name(args)}: note: {', '.join(changed)} only {verb} the stochastic sampler, which --churn 0 "
             f"(the default) turns off; the deterministic ODE ignores {them} (add --churn S to re-inject noise)")  # fmt: skip
     print(note, file=sys.stderr)
     return note
