@@ -921,18 +921,38 @@ def test_default_output_names_say_the_settings(toy_run, capsys):
     MODEL/curvature-rho<rho>-n<trajectories>.json (+ .png), so runs with other settings never overwrite each other."""
     expected = [
         toy_run / "samples-euler2-rho90.npz",
+        toy_run / "samples-euler2-rho90-churn5-raw.npz",
         toy_run / "curvature-rho5-n3.json",
         toy_run / "curvature-rho5-n3.png",
+        toy_run / "curvature-rho5-raw-n3.json",
     ]
     try:
-        assert main(["sample", str(toy_run), "--solver", "euler", "--steps", "2", "--rho", "90", "--seeds", "0-1",
-                     "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
-        assert main(["curvature", str(toy_run), "--seeds", "4-6", "--steps", "3", "--rho", "5", "--truncation-steps",
-                     "2", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+        for extra in ([], ["--churn", "5", "--raw"]):  # samples drawn another way do not replace the plain ones
+            assert main(["sample", str(toy_run), "--solver", "euler", "--steps", "2", "--rho", "90", "--seeds", "0-1",
+                         "--device", "cpu", "--no-progress", *extra]) == 0  # fmt: skip
+        for extra in ([], ["--raw"]):
+            assert main(["curvature", str(toy_run), "--seeds", "4-6", "--steps", "3", "--rho", "5",
+                         "--truncation-steps", "2", "--device", "cpu", "--no-progress", *extra]) == 0  # fmt: skip
         assert all(p.is_file() for p in expected), sorted(p.name for p in toy_run.iterdir())
     finally:
         for p in expected:
             p.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "tag"),
+    [([], ""), (["--churn", "40"], "-churn40"), (["--churn", "40", "--s-noise", "1.007", "--s-min", "0.05", "--s-max",
+      "50"], "-churn40-snoise1.007-s0.05-50"), (["--s-noise", "1.007"], ""), (["--sigma-min", "0.01"],
+      "-sigma0.01-80"), (["--raw", "--class", "3"], "-raw-class3"), (["--dg", "D"], "-dg"),
+     (["--dg", "D", "--dg-weight", "1.5"], "-dg1.5")],
+)  # fmt: skip
+def test_variant_tag_names_every_setting_that_changes_the_samples(flags, tag):
+    """Guided, churned, raw-weight or one-class samples get their own default file (they replaced the plain ones)."""
+    from aotdiff.cli import build_parser
+    from aotdiff.cli.common import variant_tag
+
+    for head in (["sample", "RUN"], ["fid", "calc", "RUN", "--ref", "r.npz"]):
+        assert variant_tag(build_parser(head).parse_args([*head, *flags])) == tag
 
 
 def test_convert_which_picks_the_ema_or_the_live_weights(toy_run, tmp_path, capsys):

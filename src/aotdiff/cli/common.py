@@ -256,6 +256,30 @@ def note_unused_churn_flags(args: argparse.Namespace) -> str:
     return note
 
 
+def variant_tag(args: argparse.Namespace) -> str:
+    """What a default output name must add to the solver, steps and rho so that samples drawn another way never
+    overwrite them: ``-churn40-snoise1.007``, ``-sigma0.01-50``, ``-raw``, ``-class3``, ``-dg`` (``-dg1.5`` with a
+    weight); empty for the defaults, so ``samples-heun18-rho7.npz`` keeps its name."""
+    parts = []
+    churn = getattr(args, "churn", 0.0)
+    if churn > 0:
+        parts.append(f"churn{churn:g}")
+        if args.s_noise != 1.0:
+            parts.append(f"snoise{args.s_noise:g}")
+        if args.s_min != 0.0 or args.s_max != math.inf:
+            parts.append(f"s{args.s_min:g}-{args.s_max:g}")
+    if getattr(args, "sigma_min", 0.002) != 0.002 or getattr(args, "sigma_max", 80.0) != 80.0:
+        parts.append(f"sigma{args.sigma_min:g}-{args.sigma_max:g}")
+    if getattr(args, "raw", False):
+        parts.append("raw")
+    if getattr(args, "class_label", None) is not None:
+        parts.append(f"class{args.class_label}")
+    if getattr(args, "dg", None) is not None:
+        weight = getattr(args, "dg_weight", None)
+        parts.append("dg" if weight is None else f"dg{weight:g}")
+    return "".join(f"-{p}" for p in parts)
+
+
 def settings_from_args(args: argparse.Namespace) -> SamplerSettings:
     """The sampler settings of the flags; refuses NaN, inf and out-of-range values (ValueError, one line)."""
     settings = SamplerSettings(

@@ -31,6 +31,7 @@ from aotdiff.cli.common import (
     guidance_from_args,
     guidance_meta,
     progress_bar,
+    variant_tag,
     write_atomic,
 )
 from aotdiff.generate import SamplerSettings, check_class_label, check_count, parse_seeds
@@ -69,7 +70,7 @@ def register(sub: Any) -> None:
     add_class_flag(p)
     add_max_batch_flag(p)
     p.add_argument("--out", type=Path, default=None, help="report .json; the plot goes next to it as .png "
-                   "(default: MODEL/curvature-rho<R>-n<N>.json)")  # fmt: skip
+                   "(default: MODEL/curvature-rho<R>-n<N>.json, with -raw, -class3, -dg, ... before -n when set)")  # fmt: skip
     add_device_flag(p)
     add_threads_flag(p)
     add_progress_flag(p)
@@ -154,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         base = args.model if args.model.is_dir() else args.model.parent
-        out = base / f"curvature-rho{args.rho:g}-n{len(seeds)}.json"
+        name = f"curvature-rho{args.rho:g}{variant_tag(args)}-n{len(seeds)}.json"
+        out = base / name if args.model.is_dir() else base / f"{args.model.stem}-{name}"
     check_output_file(out, ".json")  # the plot goes to the same folder
     model = load_model(args.model, ema=not args.raw, device=device)
     check_class_label(args.class_label, model.num_classes)

@@ -41,6 +41,7 @@ from aotdiff.cli.common import (
     guidance_meta,
     progress_bar,
     settings_from_args,
+    variant_tag,
     write_atomic,
 )
 from aotdiff.generate import MAX_SEEDS, SamplerSettings, check_class_label, parse_seeds, resolve_precision
@@ -99,7 +100,9 @@ def register(sub: Any) -> None:
     add_max_batch_flag(c, default=None)
     add_network_flags(c)
     _add_detector_flags(c)
-    c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source)")
+    c.add_argument("--out", type=Path, default=None, help="result .json (default: next to the source: "
+                   "<metric>-<solver><steps>-rho<rho>[-churn40, -raw, -class3, -dg, ...]-n<count>.json for a model, "
+                   "<samples>-<metric>.json for stored samples)")  # fmt: skip
     add_device_flag(c)
     add_threads_flag(c)
     add_progress_flag(c)
@@ -276,12 +279,19 @@ def _stored_batches(images: np.ndarray, count: int, batch: int) -> Iterator[torc
         yield torch.from_numpy(images[i : min(i + batch, count)])
 
 
-def default_out(source: SampleSource, metric: str, settings: SamplerSettings | None, count: int) -> Path:
+def default_out(
+    source: SampleSource, metric: str, settings: SamplerSettings | None, count: int, variant: str = ""
+) -> Path:
+    """Next to the model: <metric>-<solver><steps>-rho<rho><variant>-n<count>.json (``variant``:
+    :func:`aotdiff.cli.common.variant_tag`), prefixed with a weights file's name; next to stored samples:
+    <samples>-<metric>.json."""
     tag = metric.lower()
     if source.kind == "model":
-        base = source.path if source.path.is_dir() else source.path.parent
         assert settings is not None
-        return base / f"{tag}-{settings.solver}{settings.steps}-rho{settings.rho:g}-n{count}.json"
+        name = f"{tag}-{settings.solver}{settings.steps}-rho{settings.rho:g}{variant}-n{count}.json"
+        if source.path.is_dir():
+            return source.path / name
+        return source.path.parent / f"{source.path.stem}-{name}"
     if source.kind == "npz" or source.path.suffix == ".zip":
         return source.path.with_name(f"{source.path.stem}-{tag}.json")
     return source.path.parent / f"{source.path.name}-{tag}.json"
@@ -317,7 +327,9 @@ def run_calc(args: argparse.Namespace) -> int:
     detector = choose_detector(args, source.shape, source.data, reference.meta, device)
     check_reference(reference, detector, args.ref)
     # The default output name needs the detector; it is still checked before the (long) sampling starts.
-    out = args.out or check_output_file(default_out(source, detector.metric, settings, count), ".json")
+    out = args.out or check_output_file(
+        default_out(source, detector.metric, settings, count, variant_tag(args)), ".json"
+    )
     if source.kind == "model" and args.num is None and args.seeds is None:
         _note_protocol_count(count, detector.metric)
 

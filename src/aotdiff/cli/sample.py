@@ -30,6 +30,7 @@ from aotdiff.cli.common import (
     guidance_meta,
     progress_bar,
     settings_from_args,
+    variant_tag,
     write_atomic,
 )
 from aotdiff.generate import (
@@ -61,7 +62,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="samples file, written exactly as named; must end in .npz "
                    "(default: MODEL/samples-<solver><steps>-rho<rho>.npz for a run directory or checkpoint folder, "
                    "DIR/<name>-samples-<solver><steps>-rho<rho>.npz for a weights file DIR/<name>.safetensors or "
-                   ".pkl)")  # fmt: skip
+                   ".pkl; settings that change the samples add to the name: -churn40, -raw, -class3, -dg, ...)")  # fmt: skip
     p.add_argument("--grid", type=Path, default=None, help="also save a .png grid (a scatter plot for 2-D data)")
     add_max_batch_flag(p, default=None)
     add_network_flags(p)
@@ -73,10 +74,11 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def default_out(model: Path, settings: SamplerSettings) -> Path:
-    """MODEL/samples-<settings>.npz; next to a weights file, prefixed with its name, since several weights files
-    often share a folder and would otherwise overwrite each other's samples."""
-    name = f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}.npz"
+def default_out(model: Path, settings: SamplerSettings, variant: str = "") -> Path:
+    """MODEL/samples-<settings><variant>.npz (``variant``: :func:`variant_tag`, e.g. ``-dg`` for guided samples);
+    next to a weights file, prefixed with its name, since several weights files often share a folder and would
+    otherwise overwrite each other's samples."""
+    name = f"samples-{settings.solver}{settings.steps}-rho{settings.rho:g}{variant}.npz"
     if model.is_dir():
         return model / name
     return model.parent / f"{model.stem}-{name}"
@@ -97,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before the model is loaded
     check_model_path(args.model)
-    out = check_output_file(args.out if args.out is not None else default_out(args.model, settings), ".npz")
+    out = check_output_file(
+        args.out if args.out is not None else default_out(args.model, settings, variant_tag(args)), ".npz"
+    )
     if args.grid is not None:
         check_output_file(args.grid, ".png", "--grid")
 
