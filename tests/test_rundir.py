@@ -507,3 +507,25 @@ def test_validation_bounds_are_exact_at_the_edges():
         validate(preset_config("toy2d", dropout=1.0))
     with pytest.raises(ValueError, match=r"--augment must lie in \[0, 1\]"):
         validate(preset_config("toy2d", augment=1.01))
+
+
+def test_refused_input_leaves_no_run_directory_behind_but_keeps_one_that_existed(tmp_path, capsys):
+    """Data that does not exist is found while the trainer builds, after the lock is taken: the directory this call
+    created (holding only .lock) is removed; a directory the user had made, and anything with content, stays."""
+    new = tmp_path / "typo-run"
+    assert main(["train", "--preset", "toy2d", "--data", str(tmp_path / "nope"), "--out", str(new), "--threads", "1",
+                 "--no-progress"]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err and not new.exists()
+    assert main(["dg", "train", str(tmp_path / "no-base"), "--out", str(tmp_path / "disc"), "--threads", "1"]) == 2
+    assert not (tmp_path / "disc").exists()
+    kept = tmp_path / "made-by-user"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    assert main(["train", "--preset", "toy2d", "--data", str(tmp_path / "nope"), "--out", str(kept), "--threads", "1",
+                 "--no-progress"]) == 2  # fmt: skip
+    assert (kept / "notes.txt").read_text() == "mine\n"
+    empty = tmp_path / "empty-by-user"
+    empty.mkdir()
+    assert main(["train", "--preset", "toy2d", "--data", str(tmp_path / "nope"), "--out", str(empty), "--threads",
+                 "1", "--no-progress"]) == 2  # fmt: skip
+    assert empty.is_dir()

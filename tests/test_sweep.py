@@ -418,3 +418,18 @@ def test_generate_hands_every_churn_setting_to_the_sampler():
         results.append(got)
     for other in results[1:]:
         assert (other - results[0]).abs().max() > 1e-3
+
+
+def test_a_model_given_twice_is_refused_and_a_refused_sweep_leaves_no_empty_folder(toy_run, tmp_path, capsys):
+    """`sweep RUN RUN` sampled the run twice (two table.csv rows, one table.md row): refused, naming it. A model that
+    cannot be loaded is found after --out was created: the empty folder is removed, a user's folder is kept."""
+    out = tmp_path / "s"
+    assert main(["sweep", str(toy_run), str(toy_run) + "/", "--out", str(out), "--no-progress"]) == 2
+    assert "is given twice" in capsys.readouterr().err and not out.exists()
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("not weights")
+    assert main(["sweep", str(not_a_model), "--out", str(out), "--no-progress", "--device", "cpu"]) == 2
+    assert not out.exists()
+    out.mkdir()
+    assert main(["sweep", str(not_a_model), "--out", str(out), "--no-progress", "--device", "cpu"]) == 2
+    assert out.is_dir()

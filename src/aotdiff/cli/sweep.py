@@ -137,7 +137,6 @@ def _seeds(args: argparse.Namespace, metric: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aotdiff.train.checkpoint import load_model
     from aotdiff.train.distributed import pick_device
 
     # Every flag is checked before a model is loaded or a sample drawn.
@@ -184,12 +183,39 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     resolve_precision(args.precision, device)  # bf16 on a GPU without it: refused before any model is loaded
     out: Path = args.out
-    check_writable_folder(out, "--out")  # before hours of sampling, not after
+    seen: dict[Path, Path] = {}
     for path in args.models:
         if not path.exists():
             raise UserError(
                 f"{path} does not exist; give a run directory, a checkpoint folder, a .safetensors file or an EDM .pkl"
             )
+        if path.resolve() in seen:
+            raise UserError(f"{path} is given twice (as {seen[path.resolve()]} before): each model is swept once; "
+                            "drop the repeat")  # fmt: skip
+        seen[path.resolve()] = path
+    created = not out.exists()
+    check_writable_folder(out, "--out")  # before hours of sampling, not after
+    try:
+        return _sweep(args, out, steps, rhos, solvers, sampler, curvature, dg_args, dg_weights, device)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused model or an interrupt leaves no empty folder behind
+        raise
+
+
+def _sweep(
+    args: argparse.Namespace,
+    out: Path,
+    steps: list[int],
+    rhos: list[float],
+    solvers: list[str],
+    sampler: SamplerSettings,
+    curvature: CurvatureSettings | None,
+    dg_args: argparse.Namespace,
+    dg_weights: list[float] | None,
+    device: Any,
+) -> int:
+    from aotdiff.train.checkpoint import load_model
 
     runs, seeds, guidance = [], {}, {}
     max_batch = args.max_batch

@@ -206,6 +206,28 @@ class RunLoop:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _setup(self, force: bool, restart: bool) -> None:
+        created = self.info.is_main and not self.run_dir.exists()
+        try:
+            self._open(force, restart)
+        except BaseException:
+            # Refused input (no such data, a shape that does not fit, ...) found while building: a directory this
+            # call created and that holds nothing but the lock is removed, so a typo leaves no empty run behind.
+            if created:
+                self._remove_untouched_run_dir()
+            raise
+
+    def _remove_untouched_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        try:
+            if {p.name for p in self.run_dir.iterdir()} <= {rundir.LOCK_FILE}:
+                (self.run_dir / rundir.LOCK_FILE).unlink(missing_ok=True)
+                self.run_dir.rmdir()
+        except OSError:
+            pass  # best effort: the error being raised is what the user needs to see
+
+    def _open(self, force: bool, restart: bool) -> None:
         info, run_dir = self.info, self.run_dir
         if info.is_main:
             rundir.prepare(run_dir)
