@@ -118,6 +118,21 @@ def test_fid_calc_of_stored_images_scores_the_first_num_across_partial_batches(c
     assert abs(fd[6] - fd[5]) > 0.1 * fd[5]
 
 
+def test_a_reference_from_another_proxy_network_is_refused_not_warned(digits_run, cache, tmp_path, capsys):
+    """A 16 px digits reference for 8 px samples: both are FD-digits with 128-d features, but from two different
+    proxy networks, so the number (505 in a user's try) means nothing: refused, saying how to make the right one."""
+    ref = tmp_path / "ref16.npz"
+    save_reference(ref, _stats(np.zeros(128), np.eye(128)), {"detector": {"name": "proxy-cnn-digits-16px",
+                                                                          "sha256": "1" * 64}})  # fmt: skip
+    out = tmp_path / "fd.json"
+    args = ["fid", "calc", str(digits_run), "--ref", str(ref), "--num", "8", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aotdiff fid calc: error: '{ref}' was computed with proxy-cnn-digits-16px, but these "
+                          "samples are scored with proxy-cnn-digits-8px")  # fmt: skip
+    assert "--proxy" in err and not out.exists()
+
+
 def test_fewer_than_50k_samples_are_refused_unless_num_is_given(digits_run, cache, tmp_path, capsys):
     ref = tmp_path / "ref.npz"
     save_reference(ref, _stats(np.zeros(128), np.eye(128)))
@@ -1086,7 +1101,8 @@ def test_fid_calc_says_it_scores_the_full_protocol_before_sampling(
         main(["fid", "calc", str(digits_run), "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "f.json"),
               "--device", "cpu", "--no-progress", *flags])  # fmt: skip
     err = capsys.readouterr().err
-    note = "FD-digits: scoring 50,000 samples (the FID protocol's 50,000; --num N for fewer)\n"
+    note = ("FD-digits: scoring 50,000 samples (the FID protocol's 50,000; FD-digits is not comparable with published "
+            "FIDs: --num 2,000, as `aotdiff sweep` uses, takes 1/25 of the time)\n")  # fmt: skip
     assert (note in err) is told and err.count("scoring") == int(told), err
 
 

@@ -46,7 +46,7 @@ from aotdiff.cli.common import (
 )
 from aotdiff.generate import MAX_SEEDS, SamplerSettings, check_class_label, parse_seeds, resolve_precision
 from aotdiff.metrics import Detector, ReferenceStats, compute_stats, fid_from_stats, format_seeds, save_reference
-from aotdiff.metrics.quality import PROXY_SPECS, proxy_for
+from aotdiff.metrics.quality import DEFAULT_NUM, PROXY_SPECS, proxy_for
 
 FULL_PROTOCOL = 50_000  # samples in the published FID protocol (EDM, AOT)
 
@@ -137,7 +137,8 @@ def choose_detector(
 
 
 def check_reference(reference: ReferenceStats, detector: Detector, ref_path: Path) -> None:
-    """Refuse a feature-length mismatch; warn when the reference was made by a different detector file."""
+    """Refuse a feature-length mismatch or another proxy network; warn when the reference was made by a different
+    Inception file (it may be the same network in another format)."""
     if reference.mu.shape[0] != detector.dim:
         raise ValueError(
             f"reference statistics '{ref_path}' hold {reference.mu.shape[0]}-d features but {detector.name} gives "
@@ -148,7 +149,16 @@ def check_reference(reference: ReferenceStats, detector: Detector, ref_path: Pat
     if not recorded:
         _warn(f"'{ref_path}' does not record its detector (e.g. EDM's published files); make sure it was computed "
               f"with the same network ({detector.name})")  # fmt: skip
+    elif detector.metric != "FID" and recorded.get("name") != detector.name:
+        # The proxies are aotdiff's own networks, one per dataset and image size: another name is another network
+        # (e.g. a 16 px reference for 8 px samples), never the same weights in another file format.
+        raise ValueError(
+            f"'{ref_path}' was computed with {recorded.get('name')}, but these samples are scored with "
+            f"{detector.name}: the distance would compare two different networks' features. Make the reference "
+            "from data of the samples' size (aotdiff fid ref --data DATA --proxy --out REF.npz)"
+        )
     elif recorded.get("sha256") != detector.sha256:
+        # Inception files: EDM's .pkl and pytorch-fid's .pth hold the same network with different hashes.
         _warn(
             f"'{ref_path}' was computed with detector {recorded.get('name')} (SHA-256 {recorded.get('sha256')}), "
             f"but this evaluation uses {detector.name} (SHA-256 {detector.sha256}): the distance is not meaningful "
@@ -261,9 +271,14 @@ def resolve_count(args: argparse.Namespace, source: SampleSource) -> tuple[int, 
 
 
 def _note_protocol_count(count: int, metric: str) -> None:
-    """Say, before it starts, that the default is the full protocol: on a CPU that is many minutes of sampling."""
-    print(f"{metric}: scoring {count:,} samples (the FID protocol's {FULL_PROTOCOL:,}; --num N for fewer)",
-          file=sys.stderr)  # fmt: skip
+    """Say, before it starts, that the default is the full protocol: on a CPU that is many minutes of sampling.
+    A proxy FD (FD-digits, ...) keeps the protocol's count by default (numbers stay comparable between runs of
+    the command) but is never compared with published FIDs, so the note offers the sweep's count."""
+    hint = "--num N for fewer"
+    if metric != "FID":
+        hint = (f"{metric} is not comparable with published FIDs: --num {DEFAULT_NUM['fd']:,}, as `aotdiff sweep` "
+                f"uses, takes 1/{FULL_PROTOCOL // DEFAULT_NUM['fd']} of the time")  # fmt: skip
+    print(f"{metric}: scoring {count:,} samples (the FID protocol's {FULL_PROTOCOL:,}; {hint})", file=sys.stderr)
 
 
 def _counting(batches: Iterator[Any], counted: list[int], dg_counted: list[int]) -> Iterator[Any]:
