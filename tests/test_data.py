@@ -433,6 +433,15 @@ def test_bad_npz_files_are_refused(tmp_path: Path, arrays: dict, message: str) -
         load_dataset(path)
 
 
+def test_a_file_that_is_not_an_npz_is_named_so_without_pickle_advice(tmp_path: Path) -> None:
+    """np.load reads a non-zip file as a pickle and refuses it with advice to unpickle: say what the file is not."""
+    path = tmp_path / "notes.npz"
+    path.write_text('{"images": []}\n')
+    with pytest.raises(DatasetError, match=f"'{path}' is not an .npz archive \\(numpy's zip format\\)") as e:
+        load_dataset(path)
+    assert "pickle" not in str(e.value)
+
+
 def test_with_padding_surrounds_every_image_with_the_given_value() -> None:
     """with_padding(p, v): out[:, :, p:-p, p:-p] is the image, every other pixel equals v exactly (no resampling),
     the labels stay with their images."""

@@ -24,7 +24,7 @@ from aotdiff.metrics import curvature_report, sliced_wasserstein2
 from aotdiff.metrics.quality import toy_reference
 from aotdiff.report import plot_quality_vs_nfe, quality_table
 from aotdiff.sweep import SweepRun, parse_weight_list, run_sweep, sweep_cost
-from aotdiff.train.checkpoint import load_model
+from aotdiff.train.checkpoint import load_model, resolve_weights
 from aotdiff.train.loop import train
 from test_train import tiny
 
@@ -240,6 +240,25 @@ def test_a_discriminator_run_given_as_the_base_model_is_named_as_such(toy_dg, tm
         assert f"pass the diffusion run to train a discriminator for (this one was trained for {run})" in err
         assert "no network description" not in err
     assert not (tmp_path / "d2" / "fakes.npz").exists()
+
+
+def test_a_discriminator_or_a_folder_that_is_no_run_given_as_the_model_is_named_as_such(toy_dg, tmp_path, capsys):
+    """`sample DISC` said the file "was not written by aotdiff"; a folder that is no run got "train first (aotdiff
+    train --out FOLDER)"; RUN/checkpoints got the same advice (a run inside the checkpoints folder). Now: the
+    discriminator is named with how to use it, RUN/checkpoints is RUN, and a stray folder is not a run."""
+    run, disc = toy_dg
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(disc), "--seeds", "0-1", "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"aotdiff sample: error: {disc} is a discriminator (`aotdiff dg train`), not a diffusion model: "
+                   f"guide with it via --dg {disc} and give the diffusion model it was trained for ({run}) as the "
+                   "model\n")  # fmt: skip
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    assert main(["sample", str(stray), "--seeds", "0-1", "--out", str(out), "--device", "cpu"]) == 2
+    assert "is not a run directory (no config.json, no checkpoints/)" in capsys.readouterr().err
+    for ema in (True, False):
+        assert resolve_weights(run / "checkpoints", ema) == resolve_weights(run, ema)
 
 
 def test_guidance_with_a_discriminator_for_other_data_names_both_shapes(toy_dg):

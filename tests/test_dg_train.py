@@ -439,8 +439,13 @@ def test_fakes_of_another_kind_are_named_in_one_sentence(toy_run, tmp_path, caps
     with pytest.raises(ValueError, match=r"holds no 'points' array, but the model makes points of shape \(2,\)"):
         read_fakes(tmp_path / "empty.npz", (2,))
     np.save(tmp_path / "bare.npy", np.zeros((4, 2)))
-    with pytest.raises(ValueError, match="cannot read it"):
+    with pytest.raises(ValueError, match="is not an .npz archive"):
         read_fakes(tmp_path / "bare.npy", (2,))
+    # A JSON file: not numpy's advice to unpickle it ("allow_pickle="), which aotdiff never does
+    (tmp_path / "curv.json").write_text('{"curvature": 0.1}\n')
+    assert _dg_cli(toy_run, tmp_path / "disc", "--fakes", str(tmp_path / "curv.json")) == 2
+    err = capsys.readouterr().err
+    assert "is not an .npz archive: give samples written by `aotdiff sample`" in err and "pickle" not in err
 
 
 def test_data_help_states_its_default_once(capsys):

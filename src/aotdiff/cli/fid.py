@@ -215,6 +215,7 @@ def _is_model_path(path: Path) -> bool:
 def open_source(path: Path, *, ema: bool, device: torch.device) -> SampleSource:
     """A run / checkpoint / weights file, a samples .npz or an image folder / .zip."""
     from aotdiff.data import load_image_folder, load_npz
+    from aotdiff.data.npz import is_npz
     from aotdiff.train.checkpoint import load_model
 
     if not path.exists():
@@ -227,6 +228,9 @@ def open_source(path: Path, *, ema: bool, device: torch.device) -> SampleSource:
                 "coupling": model.config.get("coupling")}  # fmt: skip
         return SampleSource("model", path, tuple(model.shape), str(model.config.get("data", "")), model, info=info)
     if path.suffix == ".npz":
+        if path.is_file() and not is_npz(path):
+            raise ValueError(f"'{path}' is not an .npz archive: give samples written by `aotdiff sample`, an image "
+                             "folder or .zip, or a model")  # fmt: skip
         with np.load(path, allow_pickle=False) as archive:
             if "points" in archive.files and "images" not in archive.files:
                 raise ValueError(f"'{path}' holds 2-D points, not images; toy samples are scored with W2")

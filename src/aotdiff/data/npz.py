@@ -14,7 +14,7 @@ import numpy as np
 
 from .base import DatasetError, ImageDataset, check_labels, quoted
 
-__all__ = ["load_npz"]
+__all__ = ["is_npz", "load_npz"]
 
 
 def _images_nchw(images: np.ndarray, where: str) -> np.ndarray:
@@ -33,10 +33,22 @@ def _images_nchw(images: np.ndarray, where: str) -> np.ndarray:
     )
 
 
+def is_npz(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` starts like a zip archive (an .npz is one), as ``np.load`` tells them apart: anything else
+    np.load would try to read as a pickle, and its refusal (allow_pickle=False) talks of "pickled data" and how to
+    load it unsafely, which misleads about a JSON or text file given by mistake."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head in (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty archive
+
+
 def load_npz(path: str | os.PathLike[str]) -> ImageDataset:
     """The images (and labels, if present and non-empty) stored in the .npz at `path`."""
     path = Path(path)
     where = quoted(path)
+    if path.is_file() and not is_npz(path):
+        raise DatasetError(f"{where} is not an .npz archive (numpy's zip format); save images with "
+                           "np.savez(path, images=uint8 N x H x W x C, labels=int64 N)")  # fmt: skip
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "images" not in archive.files:

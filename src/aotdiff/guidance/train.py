@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from aotdiff.coupling import PairedBatchStream, PoolDraw, make_coupler
 from aotdiff.data import ImageDataset, load_dataset
+from aotdiff.data.npz import is_npz
 from aotdiff.generate import SamplerSettings, generate
 from aotdiff.guidance.discriminator import (
     POINT_GUIDE_SIGMA_MAX,
@@ -216,6 +217,8 @@ def _kind_of(shape: tuple[int, ...]) -> str:
 def read_fakes(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples from a .npz in aotdiff's sample format: images (uint8 NHWC) or points, and labels."""
     key, other = ("images", "points") if len(shape) == 3 else ("points", "images")
+    if Path(path).is_file() and not is_npz(path):
+        raise ValueError(f"--fakes {path} is not an .npz archive: give samples written by `aotdiff sample` (.npz)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array

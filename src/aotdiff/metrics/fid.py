@@ -30,6 +30,8 @@ import scipy.linalg
 import scipy.linalg.blas
 import torch
 
+from aotdiff.data.npz import is_npz
+
 __all__ = [
     "Detector",
     "FeatureStats",
@@ -454,13 +456,6 @@ def save_reference(
         raise
 
 
-def _is_zip(path: Path) -> bool:
-    """Whether ``path`` starts like a zip archive (an .npz is one), as ``np.load`` tells them apart."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head in (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty archive
-
-
 def load_reference(path: str | os.PathLike[str]) -> ReferenceStats:
     """Read reference statistics written by EDM's ``fid.py ref`` (or :func:`save_reference`).
 
@@ -469,7 +464,7 @@ def load_reference(path: str | os.PathLike[str]) -> ReferenceStats:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"reference statistics '{p}' not found; create them with `aotdiff fid ref`")
-    if not _is_zip(p):  # np.load would read any other file as a pickle and report "pickled objects"
+    if not is_npz(p):  # np.load would read any other file as a pickle and report "pickled objects"
         raise ValueError(
             f"'{p}' is not an .npz of reference statistics (from `aotdiff fid ref`); make one with `aotdiff fid ref "
             "--data DATA --out REF.npz` or use EDM's published reference .npz"

@@ -307,6 +307,8 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
         return p
     if (p / name).is_file():
         return p / name
+    if p.is_dir() and p == checkpoint_dir(p.parent) and list_checkpoints(p.parent):
+        return resolve_weights(p.parent, ema)  # RUN/checkpoints: the run's latest, as for RUN
     if p.is_dir():
         for ckpt in reversed(list_checkpoints(p)):
             try:
@@ -314,13 +316,19 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
                 return ckpt / name
             except CheckpointError as e:
                 warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
-        from aotdiff.train.rundir import running_holder
+        from aotdiff.train.rundir import CONFIG_FILE, LOCK_FILE, running_holder
 
         holder = running_holder(p)
         if holder is not None and not list_checkpoints(p):
             raise CheckpointError(
                 f"{p} holds no checkpoint yet: it is training ({holder}); the first is written at its first "
                 "snapshot (--snapshot-kimg), then sample it"
+            )
+        if not any((p / marker).exists() for marker in ("checkpoints", CONFIG_FILE, LOCK_FILE)):
+            # Not a run at all: "train first (aotdiff train --out DIR)" would start a run inside any folder given.
+            raise CheckpointError(
+                f"{p} is not a run directory (no config.json, no checkpoints/); give a run directory, a checkpoint "
+                "folder, a .safetensors file or an EDM .pkl"
             )
         raise CheckpointError(f"{p} holds no usable checkpoint; train first (aotdiff train --out {p})")
     raise CheckpointError(
@@ -350,6 +358,12 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
         model, meta = converted.denoiser, converted.metadata
     else:
         tensors, meta = read_weights(weights, device)
+        if "discriminator" in meta:  # an `aotdiff dg train` run: it guides a model, it is not one
+            base = json.loads(meta.get("config", "{}")).get("base", "")
+            raise CheckpointError(
+                f"{path} is a discriminator (`aotdiff dg train`), not a diffusion model: guide with it via --dg {path} "
+                f"and give the diffusion model{f' it was trained for ({base})' if base else ''} as the model"
+            )
         if "network" not in meta or "shape" not in meta:
             raise CheckpointError(f"{weights} was not written by aotdiff (no network description in its metadata)")
         raw = build_network(**json.loads(meta["network"]))
