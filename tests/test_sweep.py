@@ -218,6 +218,26 @@ def test_tables_hold_every_cell_and_the_curvature(tmp_path):
         assert image.format == "PNG"
 
 
+def test_the_quality_plot_colours_every_setting_and_gives_each_metric_its_own_panel(tmp_path):
+    """One run at rho 7 and 90 drew two lines of one colour (told apart by a 4-pixel marker); a toy run and a digits
+    run shared one axis labelled "FD-digits / sliced W2". Now a colour per (run, rho, DG weight), a panel per metric."""
+    from aotdiff.report import quality_series, series_colours
+
+    rows = [
+        SweepRow("d", "FD-digits", solver, steps, rho, nfe, value, 100, {})
+        for solver, steps, nfe in (("heun", 3, 5), ("heun", 8, 15), ("euler", 3, 3))
+        for rho, value in ((7.0, 30.0 + nfe), (90.0, 20.0 + nfe))
+    ] + [SweepRow("t", "W2", "heun", 3, 7.0, 5, 0.2, 100, {})]
+    colours = series_colours(rows)
+    assert len(set(colours.values())) == 3 and colours[("d", 7.0, 0.0)] != colours[("d", 90.0, 0.0)]
+    panels = quality_series(rows)
+    assert sorted(panels) == ["FD-digits", "W2"] and list(panels["W2"]) == [("t", "heun", 7.0, 0.0)]
+    assert [r.nfe for r in panels["FD-digits"][("d", "heun", 90.0, 0.0)]] == [5, 15]  # NFE order
+    two, one = plot_quality_vs_nfe(rows, tmp_path / "two.png"), plot_quality_vs_nfe(rows[:-1], tmp_path / "one.png")
+    with Image.open(two) as a, Image.open(one) as b:
+        assert a.size[0] > 1.8 * b.size[0] and a.size[1] == b.size[1]
+
+
 def test_old_import_paths_still_work():
     """Scripts written against the old layout import these from aotdiff.sweep; they live in metrics.quality and
     report now."""

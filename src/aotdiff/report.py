@@ -158,6 +158,25 @@ def _save(fig: Any, plt: Any, path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def quality_series(rows: Sequence[SweepRow]) -> dict[str, dict[tuple[str, str, float, float], list[SweepRow]]]:
+    """The plot's panels and lines: metric -> (run, solver, rho, DG weight) -> its rows in NFE order. Each metric
+    gets its own panel (sliced W2 and FD-digits on one axis would compare numbers of different kinds)."""
+    panels: dict[str, dict[tuple[str, str, float, float], list[SweepRow]]] = {}
+    for r in rows:
+        panels.setdefault(r.metric, {}).setdefault((r.run, r.solver, r.rho, r.dg_weight), []).append(r)
+    for lines in panels.values():
+        for cells in lines.values():
+            cells.sort(key=lambda r: r.nfe)
+    return panels
+
+
+def series_colours(rows: Sequence[SweepRow]) -> dict[tuple[str, float, float], str]:
+    """A colour per (run, rho, DG weight): the solver is told by the line style (Heun solid, Euler dotted), so
+    every other setting needs its own colour (one colour per run made its rho = 7 and rho = 90 lines alike)."""
+    keys = list(dict.fromkeys((r.run, r.rho, r.dg_weight) for r in rows))
+    return {key: f"C{k % 10}" for k, key in enumerate(keys)}
+
+
 def plot_quality_vs_nfe(
     rows: Sequence[SweepRow],
     path: str | os.PathLike[str],
@@ -165,35 +184,38 @@ def plot_quality_vs_nfe(
     floor: dict[str, float] | None = None,
     title: str = "",
 ) -> Path:
-    """Quality (log scale) against NFE: one line per (run, solver, rho, DG weight), a colour per (run, DG weight);
-    dashed grey lines for ``floor`` values."""
+    """Quality (log scale) against NFE: a panel per metric, one line per (run, solver, rho, DG weight), a colour per
+    (run, rho, DG weight) and a line style per solver; dashed grey lines for ``floor`` values (on the panel of the
+    metric they are named after, or on every panel when no panel has that name)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    groups: dict[tuple[str, str, float, float], list[SweepRow]] = {}
-    for r in rows:
-        groups.setdefault((r.run, r.solver, r.rho, r.dg_weight), []).append(r)
+    panels = quality_series(rows)
+    metrics = sorted(panels) or [""]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.5), dpi=110, squeeze=False)
     guided = any(r.dg_weight > 0 for r in rows)
-    runs = list(dict.fromkeys((r.run, r.dg_weight) for r in rows))
+    colours = series_colours(rows)
     rhos = sorted({r.rho for r in rows})
     markers = "os^vD<>p*h"
     styles = {"heun": "-", "euler": ":"}
-    for (run, solver, rho, weight), cells in groups.items():
-        cells = sorted(cells, key=lambda r: r.nfe)
-        values = [max(r.value, 1e-12) for r in cells]  # a log axis cannot show 0
-        label = f"{run}, {solver}, ρ={rho:g}" + (f", DG w={weight:g}" if guided else "")
-        ax.plot(
-            [r.nfe for r in cells], values, styles.get(solver, "--"), marker=markers[rhos.index(rho) % len(markers)],
-            color=f"C{runs.index((run, weight)) % 10}", label=label, markersize=4,
-        )  # fmt: skip
-    for metric, value in (floor or {}).items():
-        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"data floor ({metric})")
-    metrics = sorted({r.metric for r in rows})
-    ax.set_yscale("log")
-    ax.set_xlabel("network evaluations (NFE)")
-    ax.set_ylabel(" / ".join(metrics) + " (lower is better)")
-    ax.set_title(title or "Sample quality against NFE")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for (run, solver, rho, weight), cells in panels.get(metric, {}).items():
+            values = [max(r.value, 1e-12) for r in cells]  # a log axis cannot show 0
+            label = f"{run}, {solver}, ρ={rho:g}" + (f", DG w={weight:g}" if guided else "")
+            ax.plot(
+                [r.nfe for r in cells], values, styles.get(solver, "--"), marker=markers[rhos.index(rho) % len(markers)],
+                color=colours[(run, rho, weight)], label=label, markersize=4,
+            )  # fmt: skip
+        for name, value in (floor or {}).items():
+            if name == metric or not set(floor or {}) & set(metrics):
+                ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"data floor ({name})")
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_ylabel(f"{metric} (lower is better)")
+        nfes = sorted({r.nfe for r in rows if r.metric == metric})
+        if len(nfes) <= 12:
+            ax.set_xticks(nfes)  # the NFEs measured, not fractional ticks between them
+        ax.set_title(title or ("Sample quality against NFE" + (f": {metric}" if len(metrics) > 1 else "")))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     return _save(fig, plt, path)
 
 
