@@ -234,7 +234,9 @@ def plot_curvature_vs_sigma(
     ax.set_xscale("log")
     if positive and reports:
         ax.set_yscale("log")
-    ax.set_xlabel("σ (band centre)")
+    # A band's κ near 1 at small sigma beside a pooled κ of 0.003 looks like a contradiction until one knows the
+    # weights: w = the step's width in sigma, so the pooled value is dominated by the wide, large-sigma bands.
+    ax.set_xlabel("σ (band centre)\npooled κ weighs each band by its width in σ: the large-σ bands dominate it")
     ax.set_ylabel("κ in band: Σw‖d − v‖² / Σw‖v‖²")
     ax.set_title(title or "Trajectory curvature against noise level")
     ax.grid(True, which="both", alpha=0.3)
