@@ -1119,3 +1119,16 @@ def test_the_coupling_docs_example_says_what_source_is_and_runs():
         assert scope["b"].images.shape == (64, 3, 4, 4)
     finally:
         scope["stream"].close()
+
+
+def test_scatter_titles_say_how_the_samples_were_drawn():
+    """Guided and plain scatter plots had the same title; the snapshot's read "0000040192 images"."""
+    from aotdiff.cli import build_parser
+    from aotdiff.cli.common import settings_from_args
+    from aotdiff.cli.sample import _plot_title
+
+    argv = ["sample", "runs/toy", "--dg", "runs/toy-dg", "--churn", "3", "--raw"]
+    args = build_parser(argv).parse_args(argv)
+    assert _plot_title(args, settings_from_args(args), 35) == (
+        "runs/toy: heun 18 steps (NFE 35), ρ=7, raw weights, churn 3, DG runs/toy-dg"
+    )

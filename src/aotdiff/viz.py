@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def save_points_plot(
         ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, color="gray", label="data")
     ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color="C0", label="samples")
     ax.set_aspect("equal")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 55), fontsize=10)  # a 5-inch figure: long run paths would be cut off
     lim = float(np.nanmax(np.abs(pts))) if len(pts) else 1.0
     lim = min(max(lim, 1.0), 10.0) * 1.05
     ax.set_xlim(-lim, lim)

@@ -84,6 +84,15 @@ def default_out(model: Path, settings: SamplerSettings, variant: str = "") -> Pa
     return model.parent / f"{model.stem}-{name}"
 
 
+def _plot_title(args: argparse.Namespace, settings: SamplerSettings, nfe: int | None) -> str:
+    """What the scatter plot shows: the model, the sampler and NFE, and what changes the samples (raw, churn, DG)."""
+    extras = [text for flag, text in ((args.raw, "raw weights"), (settings.churn > 0, f"churn {settings.churn:g}"),
+              (args.dg is not None, f"DG {args.dg}")) if flag]  # fmt: skip
+    return f"{args.model}: {settings.solver} {settings.steps} steps (NFE {nfe}), ρ={settings.rho:g}" + "".join(
+        f", {e}" for e in extras
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from aotdiff.train.checkpoint import load_model
     from aotdiff.train.distributed import pick_device
@@ -156,6 +165,6 @@ def run(args: argparse.Namespace) -> int:
         if is_image:
             save_image_grid(torch.cat(images), args.grid)
         else:
-            save_points_plot(torch.cat(raws), args.grid, title=f"{args.model} ({settings.steps} steps)")
+            save_points_plot(torch.cat(raws), args.grid, title=_plot_title(args, settings, nfe))
         print(f"wrote {args.grid}")
     return 0

@@ -623,4 +623,6 @@ def _snapshot_grid(
     if len(shape) == 3:
         save_image_grid(torch.cat([b.images for b in batches]), path)
     else:
-        save_points_plot(torch.cat([b.raw for b in batches]), path, title=f"{cfg.data}: {path.stem} images")
+        seen = f"{int(path.stem) / 1000:g} kimg" if path.stem.isdigit() else path.stem  # grids are named by nimg
+        save_points_plot(torch.cat([b.raw for b in batches]), path, title=f"{cfg.data}: EMA after {seen}, "
+                         f"Heun {cfg.grid_steps} steps")  # fmt: skip
