@@ -393,7 +393,12 @@ def test_extractor_for_other_data_is_refused_before_any_fake_is_generated(toy_ru
         assert "the adm32 discriminator is for images, but the data has shape (2,)" in capsys.readouterr().err
         assert not (out / "fakes.npz").exists()
     assert _dg_cli(toy_run, out, "--dry-run") == 0
-    assert "discriminator: mlp, items of shape (2,)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "discriminator: mlp, items of shape (2,)" in text
+    # the config's zeros, resolved: as many fakes as the run's 1,024 points; 2-D points are guided at sigma <= 1
+    assert "real items: 1,024 (toy:8gaussians); fakes: 1,024\nguidance window when sampling: sigma <= 1\n" in text
+    assert _dg_cli(toy_run, out, "--dry-run", "--num-fakes", "300", "--dg-sigma-max", "0.3") == 0
+    assert "fakes: 300\nguidance window when sampling: sigma <= 0.3\n" in capsys.readouterr().out
 
 
 def test_checks_that_need_only_the_base_models_shape(tmp_path):

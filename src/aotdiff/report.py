@@ -101,7 +101,8 @@ def quality_table(rows: Sequence[SweepRow], *, floor: dict[str, float] | None = 
 
     def steps(n: int, solver: str, k: int) -> str:
         grads = sorted(grads_of.get((n, solver), ()))
-        extra = f" (+ {'/'.join(map(str, grads))} discriminator gradients where DG w > 0)" if grads else ""
+        plural = "" if grads == [1] else "s"
+        extra = f" (+ {'/'.join(map(str, grads))} discriminator gradient{plural} where DG w > 0)" if grads else ""
         return f"{solver} {k} steps{extra}"
 
     steps_line = "; ".join(

@@ -63,7 +63,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from aotdiff.guidance.train import DGConfig, check_plan, load_base, train_discriminator
+    from aotdiff.guidance.train import DGConfig, check_plan, load_base, resolved_plan, train_discriminator
 
     names = {f.name for f in dataclasses.fields(DGConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -73,7 +73,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dry_run:  # the checks a real start makes before any work, so a dry run fails where it would
         base = load_base(cfg.base)
         kind = check_plan(cfg, base)
-        print(f"run directory: {out}\ndiscriminator: {kind}, items of shape {tuple(base.shape)}\n{cfg.to_json()}")
+        plan = resolved_plan(cfg, base, kind)
+        window = plan["guide_sigma_max"]
+        where = "DG's, sigma <= ~152" if window is None else f"sigma <= {window:g}"
+        given = f" (--fakes {cfg.fakes})" if cfg.fakes else ""
+        print(f"run directory: {out}\ndiscriminator: {kind}, items of shape {tuple(base.shape)}\n"
+              f"real items: {plan['num_real']:,} ({plan['data']}); fakes: {plan['num_fakes']:,}{given}\n"
+              f"guidance window when sampling: {where}\n{cfg.to_json()}")  # fmt: skip
         return 0
     result = train_discriminator(
         cfg, out, force=args.force, restart=args.restart, keep_going=args.keep_going,

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     images, raws, labels, seeds_done = [], [], [], []
     nfe: int | None = None
     dg_evals = 0
-    bar = progress_bar(args, len(seeds), "img", "sampling")
+    bar = progress_bar(args, len(seeds), "img" if len(model.shape) == 3 else "pt", "sampling")
     for b in generate(
         denoiser, seeds, model.shape, settings=settings, num_classes=model.num_classes,
         class_label=args.class_label, batch_size=max_batch, device=device, progress=bar.update,

@@ -81,8 +81,15 @@ def register(sub: Any) -> None:
     # --steps / --rho / --solver take lists here (one cell per value); the other sampler flags are the shared ones.
     p.add_argument("--steps", default="3,5,8,14,18", metavar="N,N,...", help="sampler step counts N, comma-separated: "
                    "Heun makes 2N-1 network evaluations per image, Euler N (default: 3,5,8,14,18)")  # fmt: skip
-    p.add_argument("--rho", default="7,72,90", help="schedule exponents (default: 7,72,90: EDM and the AOT paper)")
-    p.add_argument("--solver", default="heun", help="solvers, comma-separated: heun, euler (default: heun)")
+    p.add_argument(
+        "--rho",
+        default="7,72,90",
+        metavar="R,R,...",
+        help="schedule exponents (default: 7,72,90: EDM and the AOT paper)",
+    )
+    p.add_argument(
+        "--solver", default="heun", metavar="S,S", help="solvers, comma-separated: heun, euler (default: heun)"
+    )
     add_sampler_flags(p, steps=False, rho=False, solver=False)  # churn and sigma range, as in `aotdiff sample`
     p.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-1999 or 1,5,9-11 (default: 0..N-1 with "
                    "N from --num)")  # fmt: skip

@@ -274,6 +274,36 @@ def load_base(path: str, device: str | torch.device = "cpu") -> LoadedModel:
                          f"diffusion run to train a discriminator for{hint}") from None  # fmt: skip
 
 
+def real_dataset(cfg: DGConfig, base: LoadedModel) -> tuple[Any, str]:
+    """The real items (``--data``, else the base run's dataset, toy data drawn as the run drew it) and their spec."""
+    spec = cfg.data or str(base.config.get("data", ""))
+    if not spec:
+        raise ValueError("the base model does not name its dataset: pass --data PATH")
+    data = load_dataset(
+        spec, toy_size=int(base.config.get("data_size", 20000)), toy_seed=int(base.config.get("seed", 0))
+    )
+    if tuple(data.shape) != tuple(base.shape):
+        raise ValueError(f"--data {spec}: items of shape {tuple(data.shape)}, the model makes {tuple(base.shape)}")
+    return data, spec
+
+
+def guide_window(cfg: DGConfig, kind: str) -> float | None:
+    """The largest sigma at which sampling applies this discriminator's guidance: --dg-sigma-max, else 1 for 2-D
+    points (where a point discriminator helps, docs/dg.md), else None: DG's whole window."""
+    return cfg.guide_sigma_max or (POINT_GUIDE_SIGMA_MAX if kind == "mlp" else None)
+
+
+def resolved_plan(cfg: DGConfig, base: LoadedModel, kind: str) -> dict[str, Any]:
+    """What the zeros of the config become (for --dry-run): the number of real items and of fakes, and the sigma
+    window that sampling will apply the guidance in (None: DG's whole window)."""
+    data, spec = real_dataset(cfg, base)
+    if cfg.fakes:
+        num_fakes = len(read_fakes(Path(cfg.fakes), tuple(base.shape))[0])
+    else:
+        num_fakes = cfg.num_fakes or len(data)
+    return {"data": spec, "num_real": len(data), "num_fakes": num_fakes, "guide_sigma_max": guide_window(cfg, kind)}
+
+
 def check_plan(cfg: DGConfig, base: LoadedModel) -> str:
     """Every check that needs only the flags and the base model's shape and config, made before any data is read or
     any fake generated (and by --dry-run): a wrong --dg-extractor used to surface after minutes of sampling.
@@ -365,7 +395,7 @@ class DGTrainer(RunLoop):
             kind, shape=self.shape, num_classes=base.num_classes, base=base.denoiser,  # type: ignore[arg-type]
             classifier=cfg.classifier or None, width=cfg.width, depth=cfg.depth, seed=cfg.seed,
         ).to(device)  # fmt: skip
-        window = cfg.guide_sigma_max or (POINT_GUIDE_SIGMA_MAX if kind == "mlp" else None)
+        window = guide_window(cfg, kind)
         if window is not None:  # recorded in the saved description; the sampler's default window
             self.disc.spec["guide_sigma_max"] = window
         self.disc.train()
@@ -380,14 +410,7 @@ class DGTrainer(RunLoop):
                  f"{self.data.num_real} real + {len(self.data) - self.data.num_real} fake items")  # fmt: skip
 
     def _real_data(self, base: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self.cfg.data or str(base.config.get("data", ""))
-        if not spec:
-            raise ValueError("the base model does not name its dataset: pass --data PATH")
-        data = load_dataset(
-            spec, toy_size=int(base.config.get("data_size", 20000)), toy_seed=int(base.config.get("seed", 0))
-        )
-        if tuple(data.shape) != self.shape:
-            raise ValueError(f"--data {spec}: items of shape {tuple(data.shape)}, the model makes {self.shape}")
+        data, spec = real_dataset(self.cfg, base)
         items, labels = data.batch(np.arange(len(data)))
         if isinstance(data, ImageDataset) and base.num_classes and labels is None:
             raise ValueError(f"--data {spec} has no labels, but the base model is class-conditional")
