@@ -192,8 +192,11 @@ def test_sweep_command_dg_weights(toy_dg, tmp_path, capsys):
     reference = toy_reference("toy:8gaussians", 40, 1_000_003)
     assert float(guided[1]["value"]) == pytest.approx(sliced_wasserstein2(batch.raw.numpy(), reference), rel=1e-9)
     saved = json.loads((tmp_path / "g" / "sweep.json").read_text())
-    assert saved["settings"]["guidance"]["toy"] == {"discriminator": str(disc), "weight2": 0.0, "boost": False,
-                                                    "sigma_max": pytest.approx(100), "weights": [0.0, 1.0]}  # fmt: skip
+    files = load_discriminator(disc).source  # the exact files: the run directory's latest checkpoint moves on
+    assert files.startswith(str(disc / "checkpoints")) and "model.safetensors" in files
+    assert saved["settings"]["guidance"]["toy"] == {"discriminator": str(disc), "discriminator_files": files,
+                                                    "weight2": 0.0, "boost": False, "sigma_max": pytest.approx(100),
+                                                    "weights": [0.0, 1.0]}  # fmt: skip
     assert saved["settings"]["guidance"] is not None and json.loads(
         (tmp_path / "p" / "sweep.json").read_text())["settings"]["guidance"] is None  # fmt: skip
     assert "| DG w |" in (tmp_path / "g" / "table.md").read_text()
@@ -219,8 +222,8 @@ def test_curvature_command_with_dg(toy_dg, tmp_path, capsys):
     plain = json.loads((tmp_path / "p.json").read_text())
     guided = json.loads((tmp_path / "g.json").read_text())
     assert plain["guidance"] is None
-    assert guided["guidance"] == {"discriminator": str(disc), "weight": 1.0, "weight2": 0.0, "boost": False,
-                                  "sigma_max": 1.0}  # fmt: skip
+    assert guided["guidance"] == {"discriminator": str(disc), "discriminator_files": load_discriminator(disc).source,
+                                  "weight": 1.0, "weight2": 0.0, "boost": False, "sigma_max": 1.0}  # fmt: skip
     assert guided["discriminator_evals"] > 0 and guided["nfe"] == plain["nfe"]
     assert guided["curvature"] != plain["curvature"]
     assert guided["truncation_error"] != plain["truncation_error"]

@@ -196,8 +196,11 @@ def guidance_meta(guidance: Any, args: argparse.Namespace) -> dict[str, Any] | N
     """What to record next to results: the discriminator and the guidance settings."""
     if guidance is None:
         return None
-    return {"discriminator": str(args.dg), "weight": guidance.weight, "weight2": guidance.weight2,
-            "boost": guidance.boost, "sigma_max": guidance.sigma_max}  # fmt: skip
+    # The path given and the exact files read: a run directory resolves to its latest checkpoint, which moves on
+    # when the discriminator trains further.
+    files = getattr(guidance.discriminator, "source", "") or str(args.dg)
+    return {"discriminator": str(args.dg), "discriminator_files": files, "weight": guidance.weight,
+            "weight2": guidance.weight2, "boost": guidance.boost, "sigma_max": guidance.sigma_max}  # fmt: skip
 
 
 def check_dg_flags(args: argparse.Namespace) -> None:

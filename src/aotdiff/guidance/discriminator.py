@@ -52,6 +52,7 @@ class Discriminator(nn.Module):
         if extractor is not None:
             extractor.eval().requires_grad_(False)  # frozen: gradients still flow through it to x (guidance)
         self.num_classes = int(spec.get("num_classes", 0))
+        self.source = ""  # the file(s) it was read from, set by load_discriminator (recorded next to results)
 
     @property
     def guide_sigma_max(self) -> float | None:
@@ -272,7 +273,9 @@ def load_discriminator(
         spec = {"kind": "adm32", "shape": [3, 32, 32], "num_classes": 1000 if conditional else 0,
                 "classifier": str(classifier), "head": head.config}  # fmt: skip
         extractor = load_adm_weights(adm_classifier_32(), classifier)
-        return Discriminator(spec, head, extractor).to(device).eval().requires_grad_(False)
+        published = Discriminator(spec, head, extractor).to(device).eval().requires_grad_(False)
+        published.source = f"{p} + {classifier}"
+        return published
     weights = ckpt_io.resolve_weights(p, ema=False)
     want_average = not p.is_file()  # a run or checkpoint folder: guide with the weight average if there is one
     if weights.name == "ema.safetensors":  # the averaged head alone: the rest (extractor) is in the model file
@@ -284,6 +287,7 @@ def load_discriminator(
     if "discriminator" not in meta:
         raise ckpt_io.CheckpointError(f"{weights} is not a discriminator (train one with `aotdiff dg train`)")
     average = weights.with_name("ema.safetensors")
+    source = str(weights)
     if want_average and average.is_file():
         ema, _ = ckpt_io.read_weights(average)
         head_keys = {k for k in tensors if k.startswith("head.")}
@@ -292,5 +296,8 @@ def load_discriminator(
         if not ema and p.name == "ema.safetensors":
             raise ckpt_io.CheckpointError(f"{p}: this run kept no head average (--ema-kimg); use its folder")
         tensors.update(ema)
+        if ema:
+            source = f"{weights} + head average {average.name}"
     disc = discriminator_from_state(json.loads(meta["discriminator"]), tensors, classifier)
+    disc.source = source
     return disc.to(device)
