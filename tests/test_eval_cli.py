@@ -249,16 +249,16 @@ def test_curvature_command_writes_the_report_and_its_plot(toy_run, tmp_path, cap
     [
         (["fid", "calc", "{digits}", "--ref", "{tmp}/missing.npz", "--num", "8"],
          "aotdiff fid calc: error: reference statistics '{tmp}/missing.npz' not found; create them with `aotdiff fid ref`"),
-        (["sweep", "{toy}", "--metric", "kid"],
+        (["sweep", "{toy}", "--metric", "kid", "--out", "{tmp}/s"],
          "aotdiff sweep: error: unknown --metric 'kid'; choose one of: auto, fd, fid, w2"),
-        (["sweep", "{toy}", "--ref", "{tmp}/missing.npz"],
+        (["sweep", "{toy}", "--ref", "{tmp}/missing.npz", "--out", "{tmp}/s"],
          "aotdiff sweep: error: reference statistics '{tmp}/missing.npz' not found; create them with `aotdiff fid ref`"),
-        (["sweep", "{digits}", "--metric", "fid"],
+        (["sweep", "{digits}", "--metric", "fid", "--out", "{tmp}/s"],
          "aotdiff sweep: error: --metric fid needs reference statistics: pass --ref REF.npz (make them with "
          "`aotdiff fid ref --data DATA --out REF.npz`)"),
-        (["sweep", "{digits}", "--metric", "w2"],
+        (["sweep", "{digits}", "--metric", "w2", "--out", "{tmp}/s"],
          "aotdiff sweep: error: {digits}: --metric w2 is for 2-D toy runs, but it makes images (1, 8, 8)"),
-        (["sweep", "{toy}", "--steps", "3,x"],
+        (["sweep", "{toy}", "--steps", "3,x", "--out", "{tmp}/s"],
          "aotdiff sweep: error: --steps must be comma-separated integers like 3,5,8; got '3,x'"),
         (["fid", "ref", "--data", "toy:moons", "--out", "{tmp}/r.npz"],
          "aotdiff fid ref: error: --data toy:moons holds 2-D points, not images; toy runs are scored with W2 "
@@ -274,6 +274,7 @@ def test_bad_input_gets_an_exact_error(args, message, digits_run, toy_run, tmp_p
     names = {"digits": str(digits_run), "toy": str(toy_run), "tmp": str(tmp_path)}
     assert main([a.format(**names) for a in args] + ["--device", "cpu"]) == 2
     assert capsys.readouterr().err == message.format(**names) + "\n"
+    assert not (tmp_path / "s").exists()  # a refused sweep leaves no output folder
 
 
 def test_fid_calc_on_a_cifar_shaped_run_with_a_detector_file(tmp_path, capsys, monkeypatch, cache):
