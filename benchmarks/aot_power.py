@@ -310,6 +310,7 @@ def study_model(dataset: str, arm: str, flags: str, seed: int, pc: PowerConfig, 
     return {
         "dataset": dataset, "arm": arm, "flags": flags, "seed": seed, "config": cfg.to_dict(), "nimg": result.nimg,
         "metric": quality.name, "reference": quality.reference_name, "cells": cells, "curvature": curvature,
+        "detector_sha256": quality.detector.sha256,  # a proxy retrained on another CPU is another network
         "ot_cost_ratio": mean_ot_cost_ratio(log), "final_loss": log[-1]["loss"] if log else None,
         "train_s": train_s, "train_cpu_s": train_cpu, "trained_now": bool(result.losses), "eval_s": eval_s,
         "cpu_s": time.process_time() - cpu0, "started": started, "finished": time.time(),
@@ -409,13 +410,36 @@ def _worker_entry(args: tuple) -> int:
 
 
 def collect(pc: PowerConfig, work: Path) -> list[dict[str, Any]]:
-    """Every finished result under ``work`` for the study's datasets and arms (any seed found)."""
+    """Every finished result under ``work`` for the study's datasets and arms (any seed found); refuses to mix
+    results scored by different detector files (see :func:`check_one_detector`)."""
     found = []
     for dataset in pc.datasets:
         for arm in pc.arms:
             for path in sorted((work / dataset / arm).glob("seed*/result.json")):
                 found.append(json.loads(path.read_text()))
+    check_one_detector(found)
     return found
+
+
+def check_one_detector(results: Sequence[dict[str, Any]]) -> None:
+    """Every result of one dataset must have been scored by the same detector file. The proxy CNNs are retrained
+    from a fixed recipe wherever none is cached, but the weights depend on the CPU's kernels: the mnist5k proxy
+    trained on an AVX-512 Intel machine (held-out accuracy 95.9 %) is not the one trained on the AVX2 AMD machine of
+    the earlier models (96.2 %), and an FD under one is not comparable with an FD under the other. Results from before
+    the hash was recorded (None) get a warning; two different recorded hashes are refused."""
+    by_dataset: dict[str, dict[str | None, list[str]]] = {}
+    for r in results:
+        label = f"{r['arm']}/seed{r['seed']}"
+        by_dataset.setdefault(r["dataset"], {}).setdefault(r.get("detector_sha256"), []).append(label)
+    for dataset, groups in by_dataset.items():
+        known = [sha for sha in groups if sha is not None]
+        if len(known) > 1:
+            listing = "; ".join(f"{sha[:12]}: {', '.join(groups[sha])}" for sha in known)
+            raise SystemExit(f"{dataset}: results scored by different detector files ({listing}): their FDs are not "
+                             "comparable; rescore them with one proxy file (copy the cache's proxy/ folder)")  # fmt: skip
+        if known and None in groups:
+            print(f"warning: {dataset}: {', '.join(groups[None])} do not record their detector; they are assumed to "
+                  f"be scored with {known[0][:12]} like {', '.join(groups[known[0]])}", file=sys.stderr)  # fmt: skip
 
 
 def machine() -> str:

@@ -64,3 +64,29 @@ def test_every_mutant_of_the_catalogue_still_applies() -> None:
     for file, old, new, tests in module.MUTANTS:
         assert (BENCH.parent / file).read_text().count(old) == 1, f"{file}: {old!r}"
         assert old != new and tests.startswith("tests/")
+
+
+def test_the_powered_study_refuses_to_mix_fds_of_different_proxy_files(monkeypatch, capsys) -> None:
+    """The proxies are retrained per machine and differ between CPUs (mnist5k: 96.2 % held-out on AVX2 AMD, 95.9 %
+    on AVX-512 Intel), so results scored by two recorded detector hashes are refused; unrecorded ones are warned."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("_bench_aot_power_mix", BENCH / "aot_power.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+
+        def result(dataset: str, arm: str, seed: int, sha: str | None) -> dict:
+            return {"dataset": dataset, "arm": arm, "seed": seed, "detector_sha256": sha}
+
+        a, b = "a" * 64, "b" * 64
+        module.check_one_detector([result("m", "i", 0, a), result("m", "h", 1, a), result("d", "i", 0, b)])
+        assert capsys.readouterr().err == ""  # one file per dataset: fine
+        module.check_one_detector([result("m", "i", 0, None), result("m", "h", 1, a)])
+        assert "m: i/seed0 do not record their detector" in capsys.readouterr().err
+        with pytest.raises(SystemExit, match=r"m: results scored by different detector files \(aaaaaaaaaaaa: i/seed0; "
+                                             r"bbbbbbbbbbbb: h/seed1\)"):  # fmt: skip
+            module.check_one_detector([result("m", "i", 0, a), result("m", "h", 1, b)])
+    finally:
+        del sys.modules[spec.name]
