@@ -39,6 +39,7 @@ PROGRESS_HELP = "do not show a progress bar (for logs and scripts); nothing else
 MAX_BATCH_HELP = "images per network call; lower it if memory runs out: results do not depend on it"
 STEPS_HELP = "sampler steps N: Heun makes 2N-1 network evaluations per image, Euler N"
 DEFAULT_MAX_BATCH = 256
+SAMPLER_DEFAULTS = SamplerSettings()  # the sampler flags default to these (and default output names omit them)
 
 
 # ------------------------------------------------------------------------------------------------ flag builders
@@ -122,19 +123,21 @@ def add_steps_flag(p: argparse.ArgumentParser, default: int = 18) -> None:
 
 def add_sigma_range_flags(p: argparse.ArgumentParser) -> None:
     """``--sigma-min`` / ``--sigma-max``: the noise levels the sampler's grid runs between."""
-    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level of the grid (default: 0.002)")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level of the grid (default: 80)")
+    p.add_argument("--sigma-min", type=float, default=SAMPLER_DEFAULTS.sigma_min, help="smallest noise level of the "
+                   f"grid (default: {SAMPLER_DEFAULTS.sigma_min:g})")  # fmt: skip
+    p.add_argument("--sigma-max", type=float, default=SAMPLER_DEFAULTS.sigma_max, help="largest noise level of the "
+                   f"grid (default: {SAMPLER_DEFAULTS.sigma_max:g})")  # fmt: skip
 
 
 def add_churn_flags(p: argparse.ArgumentParser) -> None:
     """EDM's stochastic sampler: ``--churn``, ``--s-min``, ``--s-max``, ``--s-noise``."""
-    p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn: noise re-injected per step; 0 = the "
+    p.add_argument("--churn", type=float, default=SAMPLER_DEFAULTS.churn, help="EDM S_churn: noise re-injected per step; 0 = the "
                    "deterministic ODE that AOT uses (default: 0)")  # fmt: skip
-    p.add_argument("--s-min", type=float, default=0.0, help="with --churn: churn only where sigma >= this (EDM "
+    p.add_argument("--s-min", type=float, default=SAMPLER_DEFAULTS.s_min, help="with --churn: churn only where sigma >= this (EDM "
                    "S_tmin; default: 0)")  # fmt: skip
-    p.add_argument("--s-max", type=float, default=float("inf"), help="with --churn: churn only where sigma <= this "
+    p.add_argument("--s-max", type=float, default=SAMPLER_DEFAULTS.s_max, help="with --churn: churn only where sigma <= this "
                    "(EDM S_tmax; default: inf)")  # fmt: skip
-    p.add_argument("--s-noise", type=float, default=1.0, help="with --churn: EDM S_noise, scale of the re-injected "
+    p.add_argument("--s-noise", type=float, default=SAMPLER_DEFAULTS.s_noise, help="with --churn: EDM S_noise, scale of the re-injected "
                    "noise (default: 1)")  # fmt: skip
 
 
@@ -244,13 +247,18 @@ def add_raw_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
 
 
+def _changed(args: argparse.Namespace, name: str) -> bool:
+    """Whether a sampler flag differs from :class:`SamplerSettings`' default (a flag the command lacks has not)."""
+    default = getattr(SAMPLER_DEFAULTS, name)
+    return bool(getattr(args, name, default) != default)
+
+
 def note_unused_churn_flags(args: argparse.Namespace) -> str:
     """A note on stderr (returned too) when ``--s-min/--s-max/--s-noise`` were changed but ``--churn`` is 0: they
     shape EDM's stochastic sampler only, so the deterministic ODE the user gets ignores them. A note, not an error:
     a script sweeping --churn down to 0 keeps the other flags on its command line."""
-    defaults = {"s_min": 0.0, "s_max": math.inf, "s_noise": 1.0}
-    changed = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k, v) != v]
-    if getattr(args, "churn", 0.0) != 0.0 or not changed:
+    changed = [f"--{k.replace('_', '-')}" for k in ("s_min", "s_max", "s_noise") if _changed(args, k)]
+    if _changed(args, "churn") or not changed:
         return ""
     verb, them = ("shapes", "it") if len(changed) == 1 else ("shape", "them")
     note = (f"{command_name(args)}: note: {', '.join(changed)} only {verb} the stochastic sampler, which --churn 0 "
@@ -264,14 +272,13 @@ def variant_tag(args: argparse.Namespace) -> str:
     overwrite them: ``-churn40-snoise1.007``, ``-sigma0.01-50``, ``-raw``, ``-class3``, ``-dg`` (``-dg1.5`` with a
     weight); empty for the defaults, so ``samples-heun18-rho7.npz`` keeps its name."""
     parts = []
-    churn = getattr(args, "churn", 0.0)
-    if churn > 0:
-        parts.append(f"churn{churn:g}")
-        if args.s_noise != 1.0:
+    if _changed(args, "churn"):
+        parts.append(f"churn{args.churn:g}")
+        if _changed(args, "s_noise"):
             parts.append(f"snoise{args.s_noise:g}")
-        if args.s_min != 0.0 or args.s_max != math.inf:
+        if _changed(args, "s_min") or _changed(args, "s_max"):
             parts.append(f"s{args.s_min:g}-{args.s_max:g}")
-    if getattr(args, "sigma_min", 0.002) != 0.002 or getattr(args, "sigma_max", 80.0) != 80.0:
+    if _changed(args, "sigma_min") or _changed(args, "sigma_max"):
         parts.append(f"sigma{args.sigma_min:g}-{args.sigma_max:g}")
     if getattr(args, "raw", False):
         parts.append("raw")
