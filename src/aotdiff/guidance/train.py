@@ -240,36 +240,13 @@ def read_fakes(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.
     return items, labels
 
 
-def _discriminator_base(path: str) -> str | None:
-    """The diffusion model a discriminator run at ``path`` was trained for ("" when it does not say); None when
-    ``path`` is not a discriminator (or cannot be read: then load_model's own error stands)."""
-    from safetensors import safe_open
-
-    for ema in (True, False):  # ema.safetensors may hold no tensors; the description is in both files
-        try:
-            weights = ckpt_io.resolve_weights(path, ema)
-            with safe_open(str(weights), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception:  # noqa: BLE001 - any failure: not recognisably a discriminator
-            continue
-        if "discriminator" in meta:
-            try:
-                return str(json.loads(meta.get("config", "{}")).get("base", ""))
-            except ValueError:
-                return ""
-    return None
-
-
 def load_base(path: str, device: str | torch.device = "cpu") -> LoadedModel:
     """The diffusion model to train a discriminator for, with a plain answer when ``path`` is a discriminator run
-    (the loader would only say that the file has no network description)."""
+    (the loader's own message says how to guide with one, not what `dg train` needs)."""
     try:
         return load_model(path, device=device)
-    except ckpt_io.CheckpointError:
-        trained_for = _discriminator_base(path)
-        if trained_for is None:
-            raise
-        hint = f" (this one was trained for {trained_for})" if trained_for else ""
+    except ckpt_io.NotADiffusionModelError as e:
+        hint = f" (this one was trained for {e.base})" if e.base else ""
         raise ValueError(f"{path} is a discriminator run (`aotdiff dg train`), not a diffusion model: pass the "
                          f"diffusion run to train a discriminator for{hint}") from None  # fmt: skip
 

@@ -42,6 +42,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read or written; the message names the path and the fix."""
 
 
+class NotADiffusionModelError(CheckpointError):
+    """The weights are a discriminator's (`aotdiff dg train`); ``base`` is the model it was trained for ("" when it
+    does not say), so each command can say what to do with it."""
+
+    def __init__(self, message: str, base: str = ""):
+        super().__init__(message)
+        self.base = base
+
+
 class WeightsMismatchError(ValueError):
     """Saved weights do not fit a network (other architecture or size); the message summarises how."""
 
@@ -360,9 +369,10 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
         tensors, meta = read_weights(weights, device)
         if "discriminator" in meta:  # an `aotdiff dg train` run: it guides a model, it is not one
             base = json.loads(meta.get("config", "{}")).get("base", "")
-            raise CheckpointError(
+            raise NotADiffusionModelError(
                 f"{path} is a discriminator (`aotdiff dg train`), not a diffusion model: guide with it via --dg {path} "
-                f"and give the diffusion model{f' it was trained for ({base})' if base else ''} as the model"
+                f"and give the diffusion model{f' it was trained for ({base})' if base else ''} as the model",
+                base=str(base),
             )
         if "network" not in meta or "shape" not in meta:
             raise CheckpointError(f"{weights} was not written by aotdiff (no network description in its metadata)")
